@@ -1,0 +1,102 @@
+"""The calibration pass: run the ANN over token windows and gather statistics at every site the recipe needs.
+
+Statistics are a dict site → {"absmax", "p99.9", "sample"} and are saved as
+`calibration.safetensors` in the export, so a later convert can reuse them
+(`--calib-stats`) with any threshold rule, coding or T.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError as SafetensorsError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from ..errors import CheckpointError
+from ..recipes.base import Recipe
+from ..replace import CALIBRATION_ATTENTION, REPLACEMENTS, matches
+from .observers import ChannelObserver
+
+STATISTICS = ("absmax", "p99.9", "sample")
+
+
+def _observing_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa attention that first shows q (after RoPE), k and v to the layer's observers."""
+    observers = getattr(module, "ann2snn_observers", None)
+    if observers is not None:
+        for part, tensor in zip("qkv", (query, key, value)):
+            observers[part].update(tensor.transpose(1, 2), channel_dims=2)  # channels: (heads, head_dim)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(CALIBRATION_ATTENTION, _observing_attention)
+AttentionMaskInterface.register(CALIBRATION_ATTENTION, sdpa_mask)
+
+
+@torch.no_grad()
+def collect_statistics(model, recipe: Recipe, windows: torch.Tensor, batch_size: int = 4,
+                       reservoir: int = 256, seed: int = 0, progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Run `model` (the ANN) over `windows` [N, L] and return per-site statistics."""
+    observers: dict[str, ChannelObserver] = {}
+    handles = []
+    found = matches(model, recipe)
+    for name, module, rule in found:
+        replacement = REPLACEMENTS[rule.replace_with]
+        for site in replacement.sites(name, module):
+            observers[site] = ChannelObserver(site, reservoir, seed)
+        handles += replacement.observe(name, module, observers)
+    if not observers:
+        return {}
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = CALIBRATION_ATTENTION
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibrating", unit="batch", disable=not progress):
+            model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        model.config._attn_implementation = previous
+        for handle in handles:
+            handle.remove()
+        for _, module, _ in found:
+            if hasattr(module, "ann2snn_observers"):
+                del module.ann2snn_observers
+    return {site: observer.statistics() for site, observer in observers.items()}
+
+
+def save_statistics(statistics: dict, path: Path, metadata: dict) -> None:
+    tensors = {f"{site}/{key}": value.contiguous() for site, stats in statistics.items() for key, value in stats.items()}
+    save_file(tensors, str(path), metadata={"ann2snn": json.dumps(metadata, sort_keys=True)})
+
+
+def load_statistics(path: str | Path) -> tuple[dict, dict]:
+    """(statistics, metadata) from a calibration.safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"calibration statistics {path} do not exist; pass the calibration.safetensors of an earlier convert")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("ann2snn", "{}"))
+    except (SafetensorsError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"calibration statistics {path} cannot be read ({exc}); run the convert without --calib-stats") from None
+    statistics: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        site, _, stat = key.rpartition("/")
+        if stat not in STATISTICS or not site:
+            raise CheckpointError(f"calibration statistics {path} hold an unknown entry {key!r}; it is not an ann2snn file")
+        statistics.setdefault(site, {})[stat] = value
+    for site, stats in statistics.items():
+        missing = set(STATISTICS) - set(stats)
+        if missing:
+            raise CheckpointError(f"calibration statistics {path} lack {', '.join(sorted(missing))} for {site}; recalibrate")
+        if not all(torch.isfinite(v).all() for v in stats.values()):
+            raise CheckpointError(f"calibration statistics {path} hold NaN or Inf at {site}; recalibrate")
+    return statistics, metadata

@@ -1,0 +1,120 @@
+"""Calibration and evaluation text: reading it safely and cutting it into token windows.
+
+Accepted: a `.txt` file, a `.jsonl` file whose lines are objects with a string
+`text` field, or a folder of `.txt` files. Every file is untrusted: empty,
+binary, non-UTF-8 or absurdly long-lined input is refused with a one-line
+`CalibrationDataError`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CalibrationDataError
+
+MAX_LINE_CHARS = 2_000_000  # one line longer than this is not prose; refuse rather than stall the tokenizer
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+
+def bundled_text(name: str = "train.txt") -> Path:
+    """The English text shipped with ann2snn (see ann2snn/data/corpus/SOURCE.md)."""
+    return Path(__file__).resolve().parent.parent / "data" / "corpus" / name
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CalibrationDataError(f"cannot read {path}: {exc.strerror}; pass a readable .txt, .jsonl or folder of .txt files") from None
+    if size > MAX_FILE_BYTES:
+        raise CalibrationDataError(f"{path} is {size} bytes, more than the {MAX_FILE_BYTES} ann2snn reads; pass a smaller sample of the text")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise CalibrationDataError(f"{path} looks binary (it holds NUL bytes); pass UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"{path} is not UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
+
+
+def _check_lines(path: Path, text: str) -> None:
+    longest = max((len(line) for line in text.splitlines()), default=0)
+    if longest > MAX_LINE_CHARS:
+        raise CalibrationDataError(
+            f"{path} has a line of {longest} characters (more than {MAX_LINE_CHARS}); split it into lines or paragraphs"
+        )
+
+
+def _read_jsonl(path: Path, text: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise CalibrationDataError(f"{path}:{number} is not valid JSON; each line must be an object with a \"text\" field") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CalibrationDataError(f"{path}:{number} has no string \"text\" field; each line must be {{\"text\": \"...\"}}")
+        texts.append(record["text"])
+    return texts
+
+
+def read_texts(path: str | Path | None = None) -> list[str]:
+    """The documents in `path` (default: the bundled training text), each a string."""
+    path = bundled_text() if path is None else Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
+        if not files:
+            raise CalibrationDataError(f"folder {path} holds no .txt files; put the text in .txt files or pass a .txt/.jsonl file")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise CalibrationDataError(f"calibration data {path} does not exist; pass a .txt file, a .jsonl file or a folder of .txt files")
+
+    texts: list[str] = []
+    for file in files:
+        if file.suffix not in (".txt", ".jsonl"):
+            raise CalibrationDataError(f"{file} is neither .txt nor .jsonl; pass a .txt file, a .jsonl file or a folder of .txt files")
+        text = _read_utf8(file)
+        _check_lines(file, text)
+        texts.extend(_read_jsonl(file, text) if file.suffix == ".jsonl" else [text])
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise CalibrationDataError(f"{path} holds no text (it is empty or only whitespace); pass a file with some prose")
+    return texts
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int, samples: int | None = None, seed: int = 0,
+                  max_tokens: int | None = None) -> torch.Tensor:
+    """Cut the texts into [N, seq_len] token windows, N = `samples` picked at random by `seed` (all if None).
+
+    Documents are joined with the tokenizer's end-of-text token, so no window
+    needs padding. Windows do not overlap.
+    """
+    if seq_len < 2:
+        raise CalibrationDataError(f"seq_len must be at least 2, got {seq_len}")
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    budget = None if max_tokens is None else max_tokens
+    if samples is not None:
+        # Tokenise no more than needed, with room to pick windows at random.
+        budget = samples * seq_len * 8 if budget is None else min(budget, samples * seq_len * 8)
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
+        if budget is not None and len(ids) >= budget:
+            ids = ids[:budget]
+            break
+    count = len(ids) // seq_len
+    if count == 0:
+        if len(ids) < 2:
+            raise CalibrationDataError("the text gives fewer than 2 tokens; pass more text")
+        return torch.tensor([ids], dtype=torch.long)
+    windows = torch.tensor(ids[: count * seq_len], dtype=torch.long).reshape(count, seq_len)
+    if samples is not None and samples < count:
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:samples]
+        windows = windows[order.sort().values]
+    return windows

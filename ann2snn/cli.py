@@ -1,0 +1,148 @@
+"""The `ann2snn` command line: convert, generate, eval.
+
+Every user error is an `Ann2SnnError`: printed as one line on stderr with exit
+status 2, and nothing half-written left on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+
+import click
+
+from .errors import Ann2SnnError
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _clean_errors(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        # SIGTERM unwinds like Ctrl-C, so atomic writers clean up their partial folders.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return command(*args, **kwargs)
+        except Ann2SnnError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be a positive integer, got {value}")
+    return value
+
+
+@click.group()
+@click.version_option(package_name="ann2snn")
+def main():
+    """Convert Qwen-style language models into spiking neural networks."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Export folder (must not exist unless --overwrite).")
+@click.option("--calib-data", type=click.Path(), default=None, help=".txt, .jsonl (text field) or folder of .txt; default: bundled English text.")
+@click.option("--calib-samples", type=int, default=32, show_default=True, callback=_positive, help="Token windows used for calibration.")
+@click.option("--seq-len", type=int, default=128, show_default=True, callback=_positive, help="Tokens per calibration window.")
+@click.option("--calib-stats", type=click.Path(), default=None, help="Reuse calibration.safetensors from an earlier convert.")
+@click.option("--timesteps", "-T", type=int, default=None, callback=_positive, help="Time steps per spike window (recipe default: 8).")
+@click.option("--coding", type=click.Choice(["rate", "phase"]), default=None, help="Spike coding (recipe default: phase).")
+@click.option("--threshold", type=click.Choice(["max", "percentile", "mse"]), default=None, help="Threshold rule (recipe default: mse).")
+@click.option("--recipe", default="qwen2", show_default=True, help="Conversion recipe: qwen2 or braintransformers (baseline).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with the checkpoint to run (off by default).")
+@_clean_errors
+def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, recipe,
+            dtype, seed, overwrite, trust_remote_code):
+    """Calibrate MODEL on text, convert it to an SNN and export it to --out.
+
+    MODEL is a local checkpoint folder, a hub id (Qwen/Qwen2.5-3B), a short name
+    (Qwen2.5-3B) or the embedded 'qwen2-tiny'.
+    """
+    from pathlib import Path
+
+    from . import convert as convert_model, load_ann, save
+    from .calibration.data import read_texts
+    from .errors import ConfigError
+    from .models import parse_dtype
+    from .recipes import get_recipe
+
+    # Check what is cheap to check before loading anything.
+    if Path(out_dir).exists() and not overwrite:
+        raise ConfigError(f"output folder {out_dir} already exists; choose another --out or pass --overwrite")
+    get_recipe(recipe).with_options(timesteps=timesteps, coding=coding, threshold=threshold)
+    if calib_stats is None:
+        read_texts(calib_data)
+    ann, tokenizer = load_ann(model, parse_dtype(dtype), trust_remote_code)
+    snn = convert_model(ann, tokenizer, recipe=recipe, timesteps=timesteps, coding=coding, threshold=threshold,
+                        calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len, calib_stats=calib_stats, seed=seed)
+    out = save(snn, out_dir, tokenizer, overwrite=overwrite)
+    summary = snn.ann2snn["recipe"]
+    click.echo(f"converted {model} → {out} (recipe {summary['name']}, {summary['coding']} coding, T={summary['timesteps']}, "
+               f"{summary['levels']} levels, thresholds: {summary['threshold']})")
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path())
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=40, show_default=True, callback=_positive)
+@click.option("--simulation", type=click.Choice(["fast", "step"]), default="fast", show_default=True,
+              help="fast: exact accumulated spike counts; step: simulate every time step (same tokens, slower).")
+@_clean_errors
+def generate(export_dir, prompt, max_new_tokens, simulation):
+    """Generate text with an exported SNN (greedy, with key/value cache)."""
+    from . import load, load_tokenizer, set_simulation
+
+    model = load(export_dir)
+    tokenizer = load_tokenizer(export_dir)
+    set_simulation(model, simulation)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    click.echo(tokenizer.decode(output[0], skip_special_tokens=True))
+
+
+@main.command(name="eval")
+@click.argument("export_dir", type=click.Path())
+@click.option("--data", type=click.Path(), required=True, help="Text to score (.txt, .jsonl or folder).")
+@click.option("--seq-len", type=int, default=128, show_default=True, callback=_positive)
+@click.option("--max-tokens", type=int, default=20000, show_default=True, callback=_positive, help="Score at most this many tokens.")
+@click.option("--simulation", type=click.Choice(["fast", "step"]), default="fast", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_clean_errors
+def evaluate(export_dir, data, seq_len, max_tokens, simulation, as_json):
+    """Perplexity of the ANN and the SNN on --data, and how often their top-1 tokens agree."""
+    from . import load, load_tokenizer
+    from .calibration.data import read_texts, token_windows
+    from .evaluate import compare
+
+    texts = read_texts(data)
+    model = load(export_dir)
+    tokenizer = load_tokenizer(export_dir)
+    windows = token_windows(tokenizer, texts, seq_len, max_tokens=max_tokens)
+    result = compare(model, windows, simulation, progress=not as_json)
+    recipe = model.ann2snn["recipe"]
+    result.update(timesteps=recipe["timesteps"], coding=recipe["coding"], recipe=recipe["name"])
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+    else:
+        click.echo(f"tokens {result['tokens']}  T={result['timesteps']} ({result['coding']})\n"
+                   f"perplexity  ANN {result['ppl_ann']:.3f}  SNN {result['ppl_snn']:.3f}  "
+                   f"(ratio {result['ppl_snn'] / result['ppl_ann']:.4f})\n"
+                   f"top-1 agreement {result['top1_agreement']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Spike codings: how T steps of signed spikes carry one value.
+
+A coding fixes, for each step t of a window of T steps, the weight w_t of a
+spike fired at that step, in units of the channel's quantisation step Δ.
+A neuron fires s_t ∈ {−1, 0, +1} per step, so after the window it has sent
+
+    Σ_t s_t · w_t · Δ
+
+and the values it can send are the integers k·Δ with |k| ≤ L = Σ_t w_t.
+Levels, not steps, set the error, so the two codings differ by far at equal T:
+
+- **rate**: every spike weighs the same (w_t = 1): 2T+1 levels in T steps.
+  This is the signed integrate-and-fire neuron of SpikeZIP-TF and of the paper.
+- **phase**: the spike at step t weighs 2^(T−1−t) (most significant first, the
+  binary phase code of PhaseSNN / few-spike neurons): 2^(T+1)−1 levels.
+
+The neuron's *threshold* at step t is w_t·Δ: a spike at step t is worth
+±(its threshold), the weighting is a shift for the phase code.
+
+`quantise` is the fake-quantised value the spiking neuron reaches after its
+window (round half up onto the grid, clamped to ±L): the SNN's accumulated
+output equals it exactly (tested), which splits the SNN's error into
+quantisation error (this function) and temporal error (none, see neuron.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SpikeCode:
+    """A signed spike code over `timesteps` steps; see the module docstring."""
+
+    name: str
+    timesteps: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) or self.timesteps <= 0:
+            raise ConfigError(f"timesteps must be a positive integer, got {self.timesteps!r}")
+        if self.name == "phase" and self.timesteps > 23:
+            # 2^T levels stop being exact integers in float32 past 2^24.
+            raise ConfigError(f"phase coding supports at most 23 timesteps, got {self.timesteps}; use rate coding for longer windows")
+        if self.name not in CODINGS:
+            raise ConfigError(f"unknown coding {self.name!r}; choose one of {', '.join(CODINGS)}")
+
+    def step_weights(self) -> torch.Tensor:
+        """w_t for t = 0..T-1, as float32 integers."""
+        t = torch.arange(self.timesteps, dtype=torch.float32)
+        if self.name == "rate":
+            return torch.ones_like(t)
+        return torch.pow(2.0, self.timesteps - 1 - t)
+
+    @property
+    def max_count(self) -> int:
+        """L: the largest |Σ_t s_t w_t|, in units of Δ."""
+        return self.timesteps if self.name == "rate" else 2**self.timesteps - 1
+
+    @property
+    def levels(self) -> int:
+        return 2 * self.max_count + 1
+
+    def step_size(self, clip: torch.Tensor) -> torch.Tensor:
+        """Δ for a channel whose values are clipped to ±clip."""
+        return clip / self.max_count
+
+    def quantise_counts(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """k = clamp(floor(x/Δ + 1/2), −L, L): the integer the neuron's spikes sum to."""
+        dtype = _working_dtype(x)
+        u = x.to(dtype) / step.to(dtype)
+        return torch.clamp(torch.floor(u + 0.5), -self.max_count, self.max_count)
+
+    def quantise(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The fake-quantised value k·Δ, in x's dtype."""
+        return (self.quantise_counts(x, step) * step.to(_working_dtype(x))).to(x.dtype)
+
+
+def _working_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least float32: bf16/fp16 activations are rounded to levels in float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+CODINGS = ("rate", "phase")

@@ -1,0 +1,78 @@
+"""The conversion, in one call: calibrate → swap modules by the recipe's rules → (fine-tune) → export.
+
+    import ann2snn
+    model, tokenizer = ann2snn.load_ann("qwen2-tiny")
+    snn = ann2snn.convert(model, tokenizer, timesteps=8)
+    ann2snn.save(snn, "out/qwen2-tiny-snn", tokenizer)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .calibration.calibrate import collect_statistics, load_statistics
+from .calibration.data import read_texts, token_windows
+from .recipes import check_supported, get_recipe
+from .recipes.base import Recipe
+from .replace import apply_recipe
+
+
+def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps: int | None = None,
+            coding: str | None = None, threshold: str | None = None, calib_data: str | Path | None = None,
+            calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
+            statistics: dict | None = None, seed: int = 0, progress: bool = True):
+    """Convert a transformers causal LM (Qwen2 / Llama / Mistral) into an SNN, in place; returns it.
+
+    Calibration runs the ANN over `calib_samples` windows of `seq_len` tokens of
+    `calib_data` (default: the bundled English text) unless statistics are given
+    (`statistics`, or a saved `calib_stats` file). `timesteps`, `coding` and
+    `threshold` override the recipe's defaults.
+    """
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold)
+    check_supported(recipe, getattr(model.config, "model_type", None))
+    torch.manual_seed(seed)
+    calibration = {"seed": seed}
+    if statistics is None and calib_stats is not None:
+        statistics, saved = load_statistics(calib_stats)
+        calibration.update(saved, reused_from=str(calib_stats))
+    elif statistics is None:
+        if tokenizer is None:
+            raise ValueError("convert needs the tokenizer to calibrate (or statistics / calib_stats)")
+        windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
+        statistics = collect_statistics(model, recipe, windows, seed=seed, progress=progress)
+        calibration.update(source=str(calib_data) if calib_data else "bundled", samples=int(windows.shape[0]),
+                           seq_len=int(windows.shape[1]), tokens=int(windows.numel()))
+    missing = _missing_sites(model, recipe, statistics)
+    if missing:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"the calibration statistics lack {len(missing)} site(s) this model needs (e.g. {missing[0]}); recalibrate without --calib-stats")
+    apply_recipe(model, recipe, statistics)
+    model.ann2snn = {
+        "recipe": recipe.summary(),
+        "float_operations": list(recipe.float_operations),
+        "calibration": calibration,
+        "versions": _versions(),
+        "statistics": statistics,
+    }
+    return model.eval()
+
+
+def _missing_sites(model, recipe, statistics) -> list[str]:
+    from .replace import REPLACEMENTS, matches
+
+    needed = [site for name, module, rule in matches(model, recipe) for site in REPLACEMENTS[rule.replace_with].sites(name, module)]
+    return [site for site in needed if site not in statistics]
+
+
+def _versions() -> dict[str, str]:
+    import spikingjelly
+    import transformers
+
+    from . import __version__
+
+    return {"ann2snn": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "spikingjelly": getattr(spikingjelly, "__version__", "2.0.0")}

@@ -1,0 +1,150 @@
+"""The signed spiking neuron every SNN module of ann2snn is built on.
+
+`SignedNeuron` holds a static, calibrated quantisation step Δ per channel (its
+threshold at step t is w_t·Δ, see `ann2snn.coding`). Nothing is re-derived per
+call, so one sample's spikes never depend on another sample in the batch.
+
+Schedule. A neuron first integrates its whole input window (the summed
+synaptic current of the stage before it), then fires for T steps, as the
+few-spike neurons of Stöckl & Maass (2021) and PhaseSNN do; stages are
+pipelined, so each spiking stage adds T steps of latency but throughput stays
+one window per T steps. At step t the membrane v (in units of Δ) fires
+
+    s_t = +1 if v ≥ w_t/2,   −1 if v < −w_t/2,   else 0;   then v ← v − s_t·w_t
+
+(reset by subtraction). The −1 branch is the corrective spike of the other sign
+that SpikeZIP-TF's ST-BIF neuron (spikingjelly's `STBIFNode`) uses against
+over-firing; with it the count Σ s_t w_t always equals the quantised input
+`SpikeCode.quantise_counts` — no temporal error — which tests check for both
+codings. spikingjelly's `STBIFNode` is not used directly because it holds one
+scalar threshold and a rate code only; this neuron needs per-channel steps and
+per-step weights.
+
+Modes (see `set_simulation`):
+- ``"step"``: fire step by step and return a `SpikeTrain`;
+- ``"fast"``: return the accumulated value k·Δ directly (the same number, without
+  stepping: every consumer of a spike train is linear in it, so this is exact);
+- ``"ann"``: spiking off, the input passes unchanged (the ANN the SNN came from).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from spikingjelly.activation_based import base
+
+from ..coding import SpikeCode
+
+SIMULATIONS = ("step", "fast", "ann")
+
+
+@dataclass
+class SpikeTrain:
+    """T steps of ternary spikes and what one spike is worth.
+
+    spikes: [T, *shape], values in {−1, 0, +1}.
+    weights: [T], w_t of the coding (1 for rate, 2^(T−1−t) for phase).
+    step: Δ per channel, broadcastable to shape.
+    A +1 spike at step t is worth its threshold w_t·Δ.
+    """
+
+    spikes: torch.Tensor
+    weights: torch.Tensor
+    step: torch.Tensor
+
+    @property
+    def timesteps(self) -> int:
+        return self.spikes.shape[0]
+
+    def _per_step(self) -> torch.Tensor:
+        return self.weights.reshape((-1,) + (1,) * (self.spikes.dim() - 1)).to(self.spikes.dtype)
+
+    def thresholds(self) -> torch.Tensor:
+        """w_t·Δ broadcast against the spikes: the value of a +1 spike at each step."""
+        return self._per_step() * self.step
+
+    def values(self) -> torch.Tensor:
+        """Per-step values s_t·w_t·Δ, [T, *shape]."""
+        return self.spikes * self.thresholds()
+
+    def counts(self) -> torch.Tensor:
+        """Σ_t s_t·w_t: the integer each neuron's spikes sum to."""
+        return (self.spikes * self._per_step()).sum(0)
+
+    def accumulate(self) -> torch.Tensor:
+        """Σ_t s_t·w_t·Δ: what the train carries over its window."""
+        return self.counts() * self.step
+
+    def map(self, fn) -> "SpikeTrain":
+        """Apply a shape op (transpose, repeat) that acts on trailing dims to spikes and steps alike."""
+        step = self.step.expand(self.spikes.shape[1:])
+        return SpikeTrain(fn(self.spikes), self.weights, fn(step.unsqueeze(0)).squeeze(0))
+
+
+class SignedNeuron(base.MemoryModule):
+    """Signed integrate-and-fire neuron with a static per-channel step Δ.
+
+    `step` has one entry per channel of the input's last dimension (or one
+    entry for a per-tensor threshold); `channel_shape` lets attention neurons
+    hold one step per (head, head_dim) channel.
+    """
+
+    def __init__(self, code: SpikeCode, channels: int | tuple[int, ...], step: torch.Tensor | None = None):
+        super().__init__()
+        self.code = code
+        shape = (channels,) if isinstance(channels, int) else tuple(channels)
+        self.register_buffer("step", torch.ones(shape) if step is None else step.detach().float().clone().reshape(shape))
+        self.register_buffer("weights", code.step_weights(), persistent=False)
+        self.register_memory("v", 0.0)
+        self.simulation = "fast"
+        self.step_mode = "m"
+
+    def extra_repr(self) -> str:
+        return f"code={self.code.name}, T={self.code.timesteps}, channels={tuple(self.step.shape)}, simulation={self.simulation}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SpikeTrain:
+        if self.simulation == "ann":
+            return x
+        step = self.current_step(x)
+        if self.simulation == "fast":
+            return self.code.quantise(x, step)
+        return self.fire(x, step)
+
+    def current_step(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step.to(x.device)
+
+    def fire(self, x: torch.Tensor, step: torch.Tensor) -> SpikeTrain:
+        """Integrate x, then fire T steps; returns the spike train."""
+        weights = self.weights.to(x.device)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        self.v = x.to(dtype) / step.to(dtype)  # membrane potential in units of Δ, as SpikeCode.quantise_counts
+        spikes = []
+        for w in weights:  # a loop over time steps only, vectorised over every neuron
+            s = (self.v >= w / 2).float() - (self.v < -w / 2).float()
+            self.v = self.v - s * w
+            spikes.append(s)
+        return SpikeTrain(torch.stack(spikes).to(x.dtype), weights, step.to(x.dtype))
+
+
+class DynamicNeuron(SignedNeuron):
+    """The BrainTransformers reference's neuron: one step per call, max|x|/L over the whole tensor.
+
+    Reproduced only for the `braintransformers` baseline recipe: every sample of
+    a batch shares the scale, so one sample's spikes depend on the others'.
+    """
+
+    def __init__(self, code: SpikeCode):
+        super().__init__(code, ())
+
+    def current_step(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.detach().abs().amax().float() / self.code.max_count).clamp_min(1e-12)
+
+
+def set_simulation(model: torch.nn.Module, simulation: str) -> None:
+    """Switch every spiking module of `model` to 'step', 'fast' or 'ann'."""
+    if simulation not in SIMULATIONS:
+        raise ValueError(f"simulation must be one of {SIMULATIONS}, got {simulation!r}")
+    for module in model.modules():
+        if hasattr(module, "simulation"):
+            module.simulation = simulation

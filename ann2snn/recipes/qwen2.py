@@ -1,0 +1,40 @@
+"""ann2snn's recipe for Qwen2-style decoders (Qwen2, and Llama / Mistral, whose blocks match).
+
+Every Linear of every decoder layer becomes a Synapsis, both attention products
+run as SNNMatmul on spike trains with SNNSoftmax between them, and the MLP's
+SiLU becomes SNNSiLU. Phase coding with MSE-searched clips is the default: at
+T=8 it holds 511 levels per neuron where a rate code holds 17.
+"""
+
+from .base import Recipe, Rule
+
+_LAYER = r"model\.layers\.\d+"
+
+FLOAT_OPERATIONS = (
+    "embedding lookup",
+    "RMSNorm (input_layernorm, post_attention_layernorm, final norm)",
+    "RoPE rotation of q and k",
+    "residual additions",
+    "exponential inside SNNSoftmax and the division by its row sum (the sum itself is a spike count)",
+    "attention scaling 1/sqrt(head_dim)",
+    "SNNSiLU's output table (SiLU read at the input neuron's level)",
+    "gate ⊙ up product in the MLP",
+    "lm_head",
+)
+
+RECIPE = Recipe(
+    name="qwen2",
+    description="Spike-driven Qwen2 / Llama / Mistral: Synapsis for every decoder Linear, spiking attention, SNNSiLU",
+    model_types=("qwen2", "llama", "mistral"),
+    rules=(
+        Rule(_LAYER + r"\.self_attn\.(q|k|v|o)_proj", "Linear", "synapsis"),
+        Rule(_LAYER + r"\.mlp\.(gate|up|down)_proj", "Linear", "synapsis"),
+        Rule(_LAYER + r"\.self_attn", "Attention", "spiking_attention"),
+        # SiLU's clip is the calibrated max, so SNNSiLU follows SiLU over the whole calibrated range.
+        Rule(_LAYER + r"\.mlp\.act_fn", "SiLU", "snn_silu", threshold="max"),
+    ),
+    coding="phase",
+    timesteps=8,
+    threshold="mse",
+    float_operations=FLOAT_OPERATIONS,
+)

@@ -1,0 +1,152 @@
+"""The module swap: apply a recipe's rules to a model.
+
+`matches(model, recipe)` lists (name, module, rule) for every module a rule
+takes. Each replacement kind says which activations it needs statistics for
+(`sites`), how to watch them during calibration (`observe`) and how to build
+its SNN module (`build`). Built without statistics (when loading an export),
+neurons get placeholder steps that the export's weights then overwrite.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .calibration.thresholds import choose_clip
+from .coding import SpikeCode
+from .modules.attention import ATTENTION_NAME, SpikingAttention
+from .modules.neuron import DynamicNeuron
+from .modules.silu import SNNSiLU
+from .modules.staircase_silu import StaircaseSiLU
+from .modules.synapsis import Synapsis
+from .recipes.base import Recipe, Rule
+
+CALIBRATION_ATTENTION = "ann2snn_calibrate"
+
+
+@dataclass
+class BuildContext:
+    recipe: Recipe
+    code: SpikeCode
+    config: object  # the model's transformers config
+    statistics: dict[str, dict[str, torch.Tensor]] | None
+
+    def step(self, site: str, rule: Rule) -> torch.Tensor | None:
+        if self.statistics is None:
+            return None
+        clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.threshold, self.code)
+        return self.code.step_size(clip)
+
+
+class Replacement:
+    """One kind of SNN replacement; subclasses fill in what they need."""
+
+    def sites(self, name: str, module: nn.Module) -> list[str]:
+        """Names of the activations this replacement needs statistics for."""
+        return []
+
+    def observe(self, name: str, module: nn.Module, observers: dict) -> list:
+        return []
+
+    def build(self, name: str, module: nn.Module, rule: Rule, ctx: BuildContext) -> nn.Module:
+        raise NotImplementedError
+
+
+def _observe_input(name: str, module: nn.Module, observers: dict) -> list:
+    observer = observers[name]
+    return [module.register_forward_pre_hook(lambda _m, args: observer.update(args[0]))]
+
+
+class SynapsisReplacement(Replacement):
+    def sites(self, name, module):
+        return [name]
+
+    def observe(self, name, module, observers):
+        return _observe_input(name, module, observers)
+
+    def build(self, name, module, rule, ctx):
+        return Synapsis(module, ctx.code, ctx.step(name, rule))
+
+
+class SNNSiLUReplacement(Replacement):
+    def sites(self, name, module):
+        return [name]
+
+    def observe(self, name, module, observers):
+        return _observe_input(name, module, observers)
+
+    def build(self, name, module, rule, ctx):
+        return SNNSiLU(ctx.code, ctx.config.intermediate_size, ctx.step(name, rule))
+
+
+class SpikingAttentionReplacement(Replacement):
+    """Keeps the transformers attention module (projections, RoPE, cache) and adds `.snn`."""
+
+    def sites(self, name, module):
+        return [f"{name}.{part}" for part in "qkv"]
+
+    def observe(self, name, module, observers):
+        module.ann2snn_observers = {part: observers[f"{name}.{part}"] for part in "qkv"}
+        return []
+
+    def build(self, name, module, rule, ctx):
+        config = ctx.config
+        head_dim = module.head_dim
+        module.snn = SpikingAttention(
+            ctx.code, config.num_attention_heads, config.num_key_value_heads, head_dim,
+            ctx.step(f"{name}.q", rule), ctx.step(f"{name}.k", rule), ctx.step(f"{name}.v", rule),
+        )
+        return module
+
+
+class DynamicSynapsisReplacement(Replacement):
+    """The BrainTransformers baseline's Synapsis: per-call max/L scales on input and output."""
+
+    def build(self, name, module, rule, ctx):
+        synapsis = Synapsis(module, ctx.code, neuron=DynamicNeuron(ctx.code))
+        synapsis.output_neuron = DynamicNeuron(ctx.code)
+        return synapsis
+
+
+class StaircaseSiLUReplacement(Replacement):
+    def build(self, name, module, rule, ctx):
+        return StaircaseSiLU()
+
+
+REPLACEMENTS: dict[str, Replacement] = {
+    "synapsis": SynapsisReplacement(),
+    "snn_silu": SNNSiLUReplacement(),
+    "spiking_attention": SpikingAttentionReplacement(),
+    "dynamic_synapsis": DynamicSynapsisReplacement(),
+    "staircase_silu": StaircaseSiLUReplacement(),
+}
+
+
+def matches(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, Rule]]:
+    """Every (name, module, rule) the recipe takes; the first matching rule wins."""
+    found = []
+    for name, module in model.named_modules():
+        for rule in recipe.rules:
+            if type(module).__name__.endswith(rule.module_class) and re.fullmatch(rule.pattern, name):
+                found.append((name, module, rule))
+                break
+    return found
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None) -> nn.Module:
+    """Swap in the recipe's SNN modules, in place; returns the model."""
+    ctx = BuildContext(recipe, recipe.code, model.config, statistics)
+    found = matches(model, recipe)
+    if not found:
+        raise RuntimeError(f"recipe {recipe.name!r} matched no module of {type(model).__name__}")
+    for name, module, rule in found:
+        replacement = REPLACEMENTS[rule.replace_with].build(name, module, rule, ctx)
+        if replacement is not module:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, replacement)
+    if any(rule.replace_with == "spiking_attention" for _, _, rule in found):
+        model.config._attn_implementation = ATTENTION_NAME
+    return model

@@ -1,0 +1,89 @@
+"""Synapsis, SNNMatmul, SNNSoftmax and SNNSiLU: exact against their fake-quantised ANN, with stated bounds."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ann2snn.coding import SpikeCode
+from ann2snn.modules.attention import SNNSoftmax, snn_matmul
+from ann2snn.modules.neuron import SignedNeuron, SpikeTrain
+from ann2snn.modules.silu import SNNSiLU
+from ann2snn.modules.staircase_silu import StaircaseSiLU
+from ann2snn.modules.synapsis import Synapsis
+
+CODES = [SpikeCode("rate", 4), SpikeCode("rate", 16), SpikeCode("phase", 4), SpikeCode("phase", 8)]
+
+
+def _step(module):
+    for m in module.modules():
+        if hasattr(m, "simulation"):
+            m.simulation = "step"
+    return module
+
+
+@pytest.mark.parametrize("code", CODES, ids=lambda c: f"{c.name}{c.timesteps}")
+def test_synapsis_equals_linear_of_quantised_input(code):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 12).double()
+    step = torch.rand(24).double() * 0.05 + 0.01
+    x = torch.randn(3, 5, 24).double()
+    synapsis = _step(Synapsis(linear, code, step))
+    seen = []
+    synapsis.synapse.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    expected = F.linear(code.quantise(x, step), linear.weight, linear.bias)
+    assert torch.allclose(synapsis(x), expected, atol=1e-10)
+    # what reaches the weights is a spike train: ternary spikes times the channel's threshold
+    assert isinstance(seen[0], SpikeTrain) and set(seen[0].spikes.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+@pytest.mark.parametrize("code", CODES, ids=lambda c: f"{c.name}{c.timesteps}")
+def test_snn_matmul_of_two_trains_equals_product_of_quantised_operands(code):
+    torch.manual_seed(1)
+    a, b = torch.randn(2, 6, 8).double(), torch.randn(2, 8, 5).double()
+    na, nb = SignedNeuron(code, 8, torch.full((8,), 0.1)), SignedNeuron(code, 5, torch.full((5,), 0.1))
+    _step(na), _step(nb)
+    ta, tb = na(a), nb(b)
+    expected = code.quantise(a, na.step.double()) @ code.quantise(b, nb.step.double())
+    assert torch.allclose(snn_matmul(ta, tb), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("coding", ["rate", "phase"])
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 16, 32])
+def test_snn_softmax_rows_sum_to_one_and_mask_is_respected(coding, T):
+    if coding == "phase" and T > 16:
+        pytest.skip("phase code is for few steps")
+    torch.manual_seed(2)
+    scores = torch.randn(2, 3, 7, 7) * 4
+    mask = torch.ones(7, 7).tril().bool().expand(2, 1, 7, 7)
+    scores_with_huge_masked = scores.masked_fill(~mask, 1e4)  # a masked outlier must not enter the scale
+    softmax = _step(SNNSoftmax(SpikeCode(coding, T)))
+    train, row_sum = softmax(scores_with_huge_masked, mask)
+    probs = train.accumulate() / row_sum
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3, 7), atol=1e-5)  # stated tolerance: 1e-5
+    assert (train.spikes.abs().sum(0)[~mask.expand(2, 3, 7, 7)] == 0).all()
+    # rate-coded positives never need corrective spikes; the phase code may (+2 −1 = 1)
+    assert set(train.spikes.unique().tolist()) <= ({0.0, 1.0} if coding == "rate" else {-1.0, 0.0, 1.0})
+    # the row's largest probability is never lost, however small T is
+    assert (train.counts().amax(-1) == SpikeCode(coding, T).max_count).all()
+    # with masked entries ignored the result matches the float softmax as T grows
+    if T >= 8:
+        exact = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        assert (probs - exact).abs().max() < (0.3 if coding == "rate" else 0.01)
+
+
+@pytest.mark.parametrize("code", CODES, ids=lambda c: f"{c.name}{c.timesteps}")
+def test_snn_silu_follows_silu_over_the_calibrated_range_without_saturation(code):
+    clip = torch.tensor([12.0, 40.0])
+    silu = _step(SNNSiLU(code, 2, code.step_size(clip)))
+    x = torch.stack([torch.linspace(-12, 12, 5001), torch.linspace(-40, 40, 5001)], -1)
+    err = (silu(x) - F.silu(x)).abs()
+    assert (err <= silu.error_bound() + 1e-5).all()
+    assert silu(torch.tensor([[12.0, 40.0]]))[0, 1] > 39  # no ceiling near 4.97
+
+
+def test_braintransformers_staircase_saturates_like_the_reference():
+    stair = StaircaseSiLU()
+    out = stair(torch.tensor([5.0, 10.0, 100.0]))
+    assert torch.allclose(out, torch.full((3,), 4.9671), atol=1e-3)
+    x = torch.linspace(-6, 1, 7001)
+    assert 0.08 < (stair(x) - F.silu(x)).abs().max() < 0.1
