@@ -36,6 +36,18 @@ def _clean_errors(command):
     return wrapper
 
 
+def _calibration_fingerprint(folder, calib_data, samples, seq_len, seed) -> str:
+    """What calibration depends on, so a resumed convert reuses statistics only for the same inputs."""
+    import hashlib
+    from pathlib import Path
+
+    parts = [str(Path(folder).resolve()), (Path(folder) / "config.json").read_bytes().hex()[:4096], str(samples), str(seq_len), str(seed)]
+    if calib_data is not None:
+        data = Path(calib_data)
+        parts += [str(data.resolve()), str(data.stat().st_size), str(data.stat().st_mtime_ns)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def _positive(ctx, param, value):
     if value is not None and value <= 0:
         raise click.BadParameter(f"must be a positive integer, got {value}")
@@ -74,21 +86,46 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     from pathlib import Path
 
     from . import convert as convert_model, load_ann, save
+    from .calibration.calibrate import load_statistics, save_statistics
     from .calibration.data import read_texts
+    from .convert import calibrate
     from .errors import ConfigError
-    from .models import parse_dtype
+    from .models import parse_dtype, resolve_model
     from .recipes import get_recipe
 
     # Check what is cheap to check before loading anything.
-    if Path(out_dir).exists() and not overwrite:
-        raise ConfigError(f"output folder {out_dir} already exists; choose another --out or pass --overwrite")
-    get_recipe(recipe).with_options(timesteps=timesteps, coding=coding, threshold=threshold)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    options = dict(timesteps=timesteps, coding=coding, threshold=threshold)
+    get_recipe(recipe).with_options(**options)
     if calib_stats is None:
         read_texts(calib_data)
-    ann, tokenizer = load_ann(model, parse_dtype(dtype), trust_remote_code)
-    snn = convert_model(ann, tokenizer, recipe=recipe, timesteps=timesteps, coding=coding, threshold=threshold,
-                        calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len, calib_stats=calib_stats, seed=seed)
-    out = save(snn, out_dir, tokenizer, overwrite=overwrite)
+    folder = resolve_model(model)
+    ann, tokenizer = load_ann(str(folder), parse_dtype(dtype), trust_remote_code)
+
+    statistics, info = None, None
+    resume = out.parent / f".{out.name}.calibration.safetensors"  # survives an interrupted export
+    fingerprint = _calibration_fingerprint(folder, calib_data, calib_samples, seq_len, seed)
+    if calib_stats is None and resume.is_file():
+        saved, info = load_statistics(resume)
+        if info.get("fingerprint") == fingerprint:
+            statistics = saved
+            click.echo(f"resuming from the calibration statistics saved in {resume}", err=True)
+    if calib_stats is None and statistics is None:
+        statistics, info = calibrate(ann, tokenizer, recipe, calib_data, calib_samples, seq_len, seed)
+        info["fingerprint"] = fingerprint
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = resume.with_name(resume.name + ".partial")
+        try:
+            save_statistics(statistics, partial, info)
+            partial.replace(resume)
+        finally:
+            partial.unlink(missing_ok=True)
+    snn = convert_model(ann, tokenizer, recipe=recipe, statistics=statistics, calibration_info=info,
+                        calib_stats=calib_stats, seed=seed, **options)
+    save(snn, out, tokenizer, overwrite=overwrite)
+    resume.unlink(missing_ok=True)
     summary = snn.ann2snn["recipe"]
     click.echo(f"converted {model} → {out} (recipe {summary['name']}, {summary['coding']} coding, T={summary['timesteps']}, "
                f"{summary['levels']} levels, thresholds: {summary['threshold']})")

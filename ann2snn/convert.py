@@ -22,7 +22,7 @@ from .replace import apply_recipe
 def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps: int | None = None,
             coding: str | None = None, threshold: str | None = None, calib_data: str | Path | None = None,
             calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
-            statistics: dict | None = None, seed: int = 0, progress: bool = True):
+            statistics: dict | None = None, calibration_info: dict | None = None, seed: int = 0, progress: bool = True):
     """Convert a transformers causal LM (Qwen2 / Llama / Mistral) into an SNN, in place; returns it.
 
     Calibration runs the ANN over `calib_samples` windows of `seq_len` tokens of
@@ -34,17 +34,14 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold)
     check_supported(recipe, getattr(model.config, "model_type", None))
     torch.manual_seed(seed)
-    calibration = {"seed": seed}
+    calibration = dict(calibration_info or {"seed": seed})
     if statistics is None and calib_stats is not None:
         statistics, saved = load_statistics(calib_stats)
         calibration.update(saved, reused_from=str(calib_stats))
     elif statistics is None:
         if tokenizer is None:
             raise ValueError("convert needs the tokenizer to calibrate (or statistics / calib_stats)")
-        windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
-        statistics = collect_statistics(model, recipe, windows, seed=seed, progress=progress)
-        calibration.update(source=str(calib_data) if calib_data else "bundled", samples=int(windows.shape[0]),
-                           seq_len=int(windows.shape[1]), tokens=int(windows.numel()))
+        statistics, calibration = calibrate(model, tokenizer, recipe, calib_data, calib_samples, seq_len, seed, progress)
     missing = _missing_sites(model, recipe, statistics)
     if missing:
         from .errors import CheckpointError
@@ -59,6 +56,17 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
         "statistics": statistics,
     }
     return model.eval()
+
+
+def calibrate(model, tokenizer, recipe: str | Recipe = "qwen2", calib_data: str | Path | None = None,
+              calib_samples: int = 32, seq_len: int = 128, seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
+    """Run the ANN over the calibration text; returns (statistics, a summary for snn_config.json)."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
+    statistics = collect_statistics(model, recipe, windows, seed=seed, progress=progress)
+    info = {"seed": seed, "source": str(calib_data) if calib_data else "bundled", "samples": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]), "tokens": int(windows.numel())}
+    return statistics, info
 
 
 def _missing_sites(model, recipe, statistics) -> list[str]:

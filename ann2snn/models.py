@@ -129,7 +129,7 @@ def load_ann(folder: Path, dtype: torch.dtype | None = None, trust_remote_code: 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype or "auto", local_files_only=True, trust_remote_code=trust_remote_code,
-            use_safetensors=True, attn_implementation="sdpa", output_loading_info=True,
+            use_safetensors=True, attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True,
         )
     except Exception as exc:  # transformers raises many types for damaged files; name the problem in one line
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
