@@ -36,12 +36,12 @@ def _clean_errors(command):
     return wrapper
 
 
-def _calibration_fingerprint(folder, calib_data, samples, seq_len, seed) -> str:
+def _calibration_fingerprint(folder, calib_data, samples, seq_len, seed, transforms) -> str:
     """What calibration depends on, so a resumed convert reuses statistics only for the same inputs."""
     import hashlib
     from pathlib import Path
 
-    parts = [str(Path(folder).resolve()), (Path(folder) / "config.json").read_bytes().hex()[:4096], str(samples), str(seq_len), str(seed)]
+    parts = [str(Path(folder).resolve()), (Path(folder) / "config.json").read_bytes().hex()[:4096], str(samples), str(seq_len), str(seed), ",".join(transforms)]
     if calib_data is not None:
         data = Path(calib_data)
         parts += [str(data.resolve()), str(data.stat().st_size), str(data.stat().st_mtime_ns)]
@@ -70,13 +70,15 @@ def main():
 @click.option("--timesteps", "-T", type=int, default=None, callback=_positive, help="Time steps per spike window (recipe default: 8).")
 @click.option("--coding", type=click.Choice(["rate", "phase"]), default=None, help="Spike coding (recipe default: phase).")
 @click.option("--threshold", type=click.Choice(["max", "percentile", "mse"]), default=None, help="Threshold rule (recipe default: mse).")
+@click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
+              help="Outlier handling before calibration: none, rotate, smooth or rotate,smooth (recipe default).")
 @click.option("--recipe", default="qwen2", show_default=True, help="Conversion recipe: qwen2 or braintransformers (baseline).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with the checkpoint to run (off by default).")
 @_clean_errors
-def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, recipe,
+def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, outliers, recipe,
             dtype, seed, overwrite, trust_remote_code):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
 
@@ -97,7 +99,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    options = dict(timesteps=timesteps, coding=coding, threshold=threshold)
+    options = dict(timesteps=timesteps, coding=coding, threshold=threshold, outliers=outliers)
     get_recipe(recipe).with_options(**options)
     if calib_stats is None:
         read_texts(calib_data)
@@ -106,14 +108,16 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
 
     statistics, info = None, None
     resume = out.parent / f".{out.name}.calibration.safetensors"  # survives an interrupted export
-    fingerprint = _calibration_fingerprint(folder, calib_data, calib_samples, seq_len, seed)
+    transforms = get_recipe(recipe).with_options(**options).outliers
+    fingerprint = _calibration_fingerprint(folder, calib_data, calib_samples, seq_len, seed, transforms)
     if calib_stats is None and resume.is_file():
         saved, info = load_statistics(resume)
         if info.get("fingerprint") == fingerprint:
             statistics = saved
             click.echo(f"resuming from the calibration statistics saved in {resume}", err=True)
     if calib_stats is None and statistics is None:
-        statistics, info = calibrate(ann, tokenizer, recipe, calib_data, calib_samples, seq_len, seed)
+        statistics, info = calibrate(ann, tokenizer, get_recipe(recipe).with_options(**options), calib_data,
+                                     calib_samples, seq_len, seed)
         info["fingerprint"] = fingerprint
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = resume.with_name(resume.name + ".partial")

@@ -16,11 +16,13 @@ from .calibration.calibrate import collect_statistics, load_statistics
 from .calibration.data import read_texts, token_windows
 from .recipes import check_supported, get_recipe
 from .recipes.base import Recipe
+from .errors import CheckpointError
 from .replace import apply_recipe
+from .transforms import rotate, smooth
 
 
 def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps: int | None = None,
-            coding: str | None = None, threshold: str | None = None, calib_data: str | Path | None = None,
+            coding: str | None = None, threshold: str | None = None, outliers: tuple[str, ...] | None = None, calib_data: str | Path | None = None,
             calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
             statistics: dict | None = None, calibration_info: dict | None = None, seed: int = 0, progress: bool = True):
     """Convert a transformers causal LM (Qwen2 / Llama / Mistral) into an SNN, in place; returns it.
@@ -28,10 +30,10 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     Calibration runs the ANN over `calib_samples` windows of `seq_len` tokens of
     `calib_data` (default: the bundled English text) unless statistics are given
     (`statistics`, or a saved `calib_stats` file). `timesteps`, `coding` and
-    `threshold` override the recipe's defaults.
+    `threshold` and `outliers` (a tuple of "rotate", "smooth") override the recipe's defaults.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold)
+    recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, outliers=outliers)
     check_supported(recipe, getattr(model.config, "model_type", None))
     torch.manual_seed(seed)
     calibration = dict(calibration_info or {"seed": seed})
@@ -42,10 +44,9 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
         if tokenizer is None:
             raise ValueError("convert needs the tokenizer to calibrate (or statistics / calib_stats)")
         statistics, calibration = calibrate(model, tokenizer, recipe, calib_data, calib_samples, seq_len, seed, progress)
+    _replay_transforms(model, recipe, statistics, calibration.get("seed", seed))
     missing = _missing_sites(model, recipe, statistics)
     if missing:
-        from .errors import CheckpointError
-
         raise CheckpointError(f"the calibration statistics lack {len(missing)} site(s) this model needs (e.g. {missing[0]}); recalibrate without --calib-stats")
     apply_recipe(model, recipe, statistics)
     model.ann2snn = {
@@ -63,10 +64,39 @@ def calibrate(model, tokenizer, recipe: str | Recipe = "qwen2", calib_data: str 
     """Run the ANN over the calibration text; returns (statistics, a summary for snn_config.json)."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
+    if "rotate" in recipe.outliers and "rotate" not in _applied(model):
+        rotate(model, seed)
+        _applied(model).append("rotate")
     statistics = collect_statistics(model, recipe, windows, seed=seed, progress=progress)
+    if "smooth" in recipe.outliers and "smooth" not in _applied(model):
+        smooth(model, statistics)
+        _applied(model).append("smooth")
+        before = {site: stats["absmax"] for site, stats in statistics.items()}
+        statistics = collect_statistics(model, recipe, windows, seed=seed, progress=progress)
+        for site, absmax in before.items():  # kept so that reused statistics can replay the same smoothing
+            statistics[site]["absmax_before_smoothing"] = absmax
     info = {"seed": seed, "source": str(calib_data) if calib_data else "bundled", "samples": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]), "tokens": int(windows.numel())}
+            "seq_len": int(windows.shape[1]), "tokens": int(windows.numel()), "transforms": list(recipe.outliers)}
     return statistics, info
+
+
+def _applied(model) -> list[str]:
+    """The outlier transforms already folded into this model's weights."""
+    if not hasattr(model, "ann2snn_transforms"):
+        model.ann2snn_transforms = []
+    return model.ann2snn_transforms
+
+
+def _replay_transforms(model, recipe: Recipe, statistics: dict, seed: int) -> None:
+    """Apply the recipe's transforms that reused statistics were gathered after (same seed, same scales)."""
+    if "rotate" in recipe.outliers and "rotate" not in _applied(model):
+        rotate(model, seed)
+        _applied(model).append("rotate")
+    if "smooth" in recipe.outliers and "smooth" not in _applied(model):
+        if not all("absmax_before_smoothing" in stats for stats in statistics.values()):
+            raise CheckpointError("these calibration statistics were gathered without smoothing; recalibrate (drop --calib-stats) or convert without smoothing")
+        smooth(model, {site: {"absmax": stats["absmax_before_smoothing"]} for site, stats in statistics.items()})
+        _applied(model).append("smooth")
 
 
 def _missing_sites(model, recipe, statistics) -> list[str]:

@@ -179,3 +179,23 @@ def test_unsupported_architecture_names_the_supported_families(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="qwen2"):
         ann2snn.load_ann(str(tmp_path))
+
+
+@pytest.mark.parametrize("outliers", [("rotate",), ("smooth",), ("rotate", "smooth")])
+def test_outlier_transforms_keep_the_function_and_replay_from_saved_statistics(qwen2_checkpoint, outliers, tmp_path):
+    original, tokenizer = ann2snn.load_ann(str(qwen2_checkpoint))
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        reference = original(ids).logits
+    model, _ = _convert(qwen2_checkpoint, outliers=outliers)
+    set_simulation(model, "ann")
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference, atol=1e-4)  # quantisation off: same function
+    set_simulation(model, "fast")
+    out = ann2snn.save(model, tmp_path / "snn", tokenizer)
+    again, _ = _convert(qwen2_checkpoint, outliers=outliers, calib_stats=out / "calibration.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    loaded = ann2snn.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -24,6 +24,7 @@ from ..replace import CALIBRATION_ATTENTION, REPLACEMENTS, matches
 from .observers import ChannelObserver
 
 STATISTICS = ("absmax", "p99.9", "sample")
+OPTIONAL_STATISTICS = ("absmax_before_smoothing",)
 
 
 def _observing_attention(module, query, key, value, attention_mask, **kwargs):
@@ -90,7 +91,7 @@ def load_statistics(path: str | Path) -> tuple[dict, dict]:
     statistics: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         site, _, stat = key.rpartition("/")
-        if stat not in STATISTICS or not site:
+        if stat not in STATISTICS + OPTIONAL_STATISTICS or not site:
             raise CheckpointError(f"calibration statistics {path} hold an unknown entry {key!r}; it is not an ann2snn file")
         statistics.setdefault(site, {})[stat] = value
     for site, stats in statistics.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..coding import SpikeCode
 from ..errors import ConfigError
+from ..transforms import check_transforms
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Recipe:
     coding: str = "phase"
     timesteps: int = 8
     threshold: str = "mse"
+    outliers: tuple[str, ...] = ()  # function-preserving rewrites before calibration: "rotate", "smooth"
     float_operations: tuple[str, ...] = field(default_factory=tuple)  # what stays in floating point, for users
 
     @property
@@ -45,6 +47,8 @@ class Recipe:
         unknown = set(chosen) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown recipe option(s): {', '.join(sorted(unknown))}")
+        if "outliers" in chosen:
+            chosen["outliers"] = check_transforms(chosen["outliers"])
         recipe = dataclasses.replace(self, **chosen)
         recipe.code  # raises ConfigError on a bad coding / timesteps
         return recipe
@@ -56,5 +60,6 @@ class Recipe:
             "timesteps": self.timesteps,
             "levels": self.code.levels,
             "threshold": self.threshold,
+            "outliers": list(self.outliers),
             "rules": [dataclasses.asdict(rule) for rule in self.rules],
         }
