@@ -48,6 +48,20 @@ def _calibration_fingerprint(folder, calib_data, samples, seq_len, seed, transfo
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def _init_distributed() -> bool:
+    """Join the torchrun process group when there is one; True on the process that writes output."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank() == 0
+
+
 def _positive(ctx, param, value):
     if value is not None and value <= 0:
         raise click.BadParameter(f"must be a positive integer, got {value}")
@@ -105,6 +119,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
         read_texts(calib_data)
     folder = resolve_model(model)
     ann, tokenizer = load_ann(str(folder), parse_dtype(dtype), trust_remote_code)
+    main_process = _init_distributed()  # under torchrun: calibrate on every process, export from the first
 
     statistics, info = None, None
     resume = out.parent / f".{out.name}.calibration.safetensors"  # survives an interrupted export
@@ -119,6 +134,8 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
         statistics, info = calibrate(ann, tokenizer, get_recipe(recipe).with_options(**options), calib_data,
                                      calib_samples, seq_len, seed)
         info["fingerprint"] = fingerprint
+        if not main_process:
+            return
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = resume.with_name(resume.name + ".partial")
         try:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError as SafetensorsError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -43,14 +44,24 @@ AttentionMaskInterface.register(CALIBRATION_ATTENTION, sdpa_mask)
 @torch.no_grad()
 def collect_statistics(model, recipe: Recipe, windows: torch.Tensor, batch_size: int = 4,
                        reservoir: int = 256, seed: int = 0, progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """Run `model` (the ANN) over `windows` [N, L] and return per-site statistics."""
+    """Run `model` (the ANN) over `windows` [N, L] and return per-site statistics.
+
+    Under torch.distributed (e.g. `torchrun`), each process calibrates on its
+    share of the windows (every world_size-th) and the statistics are merged:
+    max and percentile exactly as one process would find them on all windows.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    total_tokens = int(windows.numel())
+    if distributed:
+        windows = windows[dist.get_rank()::dist.get_world_size()]
+        seed = seed + dist.get_rank()  # independent reservoirs, merged by priority
     observers: dict[str, ChannelObserver] = {}
     handles = []
     found = matches(model, recipe)
     for name, module, rule in found:
         replacement = REPLACEMENTS[rule.replace_with]
         for site in replacement.sites(name, module):
-            observers[site] = ChannelObserver(site, reservoir, seed)
+            observers[site] = ChannelObserver(site, total_tokens, reservoir, seed)
         handles += replacement.observe(name, module, observers)
     if not observers:
         return {}
@@ -67,6 +78,9 @@ def collect_statistics(model, recipe: Recipe, windows: torch.Tensor, batch_size:
         for _, module, _ in found:
             if hasattr(module, "ann2snn_observers"):
                 del module.ann2snn_observers
+    if distributed:
+        for observer in observers.values():
+            observer.merge_across_processes()
     return {site: observer.statistics() for site, observer in observers.items()}
 
 

@@ -1,24 +1,37 @@
-"""Per-channel activation statistics, gathered while the ANN runs.
+"""Per-channel activation statistics, gathered while the ANN runs, and merged across processes.
 
-An observer keeps, for one tensor the SNN will carry as spikes, the running
-per-channel maximum of |x| and a seeded reservoir of rows (tokens). The
-reservoir gives percentiles and lets a clipping search try thresholds later,
-so saved statistics can be reused by any threshold rule without running the
-model again.
+An observer keeps, for one tensor the SNN will carry as spikes:
+- the per-channel maximum of |x|;
+- the per-channel k largest |x|, k = ⌊N·(1 − 0.999)⌋ + 1 for the N tokens the
+  whole calibration will show (known in advance), whose smallest is the exact
+  99.9th percentile (nearest rank). Unlike a histogram it merges across
+  processes *exactly* (the top k of the union is the top k of the tops);
+- a seeded priority reservoir of rows (tokens), from which a clipping search
+  can try thresholds later without running the model again.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..errors import NumericalError
 
+PERCENTILE = 0.999
+
+
+def top_count(tokens: int, q: float = PERCENTILE) -> int:
+    """k such that the k-th largest of `tokens` values is their q-quantile (nearest rank)."""
+    return int(tokens * (1 - q)) + 1
+
 
 class ChannelObserver:
-    def __init__(self, site: str, reservoir: int = 256, seed: int = 0):
+    def __init__(self, site: str, expected_tokens: int, reservoir: int = 256, seed: int = 0):
         self.site = site
         self.reservoir = reservoir
+        self.k = top_count(expected_tokens)
         self.absmax: torch.Tensor | None = None
+        self.top: torch.Tensor | None = None  # [k, *channels], descending
         self.sample: torch.Tensor | None = None
         self._priority: torch.Tensor | None = None
         self._generator = torch.Generator().manual_seed(seed)
@@ -31,23 +44,50 @@ class ChannelObserver:
             raise NumericalError(f"NaN or Inf in activations at {self.site} during calibration; the checkpoint or dtype is broken there (try --dtype float32)")
         rows = x.reshape((-1,) + tuple(x.shape[x.dim() - channel_dims:])).float().cpu()
         self.tokens += rows.shape[0]
-        peak = rows.abs().amax(0)
+        magnitude = rows.abs()
+        peak = magnitude.amax(0)
         self.absmax = peak if self.absmax is None else torch.maximum(self.absmax, peak)
+        self.top = _top(magnitude if self.top is None else torch.cat((self.top, magnitude)), self.k)
         # Priority reservoir sampling: keep the rows with the largest random keys.
         priority = torch.rand(rows.shape[0], generator=self._generator)
-        if self.sample is not None:
-            rows = torch.cat((self.sample, rows))
-            priority = torch.cat((self._priority, priority))
-        keep = min(self.reservoir, rows.shape[0])
-        self._priority, index = priority.topk(keep)
-        self.sample = rows[index]
+        self._priority, self.sample = _keep(priority, rows, self._priority, self.sample, self.reservoir)
+
+    def merge_across_processes(self) -> None:
+        """Combine every process's observations (torch.distributed must be initialised)."""
+        dist.all_reduce(self.absmax, op=dist.ReduceOp.MAX)
+        self.top = _top(torch.cat(_all_gather(self.top)), self.k)
+        priorities, samples = torch.cat(_all_gather(self._priority)), torch.cat(_all_gather(self.sample))
+        self._priority, self.sample = _keep(priorities, samples, None, None, self.reservoir)
+        tokens = torch.tensor([self.tokens])
+        dist.all_reduce(tokens)
+        self.tokens = int(tokens)
 
     def statistics(self) -> dict[str, torch.Tensor]:
         if self.absmax is None:
             raise RuntimeError(f"observer {self.site} saw no data")
-        return {"absmax": self.absmax.clone(), "p99.9": percentile(self.sample, 0.999), "sample": self.sample.clone()}
+        k = min(top_count(self.tokens), self.top.shape[0])
+        return {"absmax": self.absmax.clone(), "p99.9": self.top[k - 1].clone(), "sample": self.sample.clone()}
 
 
-def percentile(sample: torch.Tensor, q: float) -> torch.Tensor:
-    """Per-channel q-quantile of |sample| over its rows."""
-    return torch.quantile(sample.abs().reshape(sample.shape[0], -1), q, dim=0).reshape(sample.shape[1:])
+def _top(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    return magnitude.topk(min(k, magnitude.shape[0]), dim=0).values
+
+
+def _keep(priority, rows, old_priority, old_rows, size):
+    if old_rows is not None:
+        priority, rows = torch.cat((old_priority, priority)), torch.cat((old_rows, rows))
+    priority, index = priority.topk(min(size, rows.shape[0]))
+    return priority, rows[index]
+
+
+def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """all_gather for tensors whose first dimension may differ between processes."""
+    size = torch.tensor([tensor.shape[0]])
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = torch.zeros((longest,) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return [g[: int(n)] for g, n in zip(gathered, sizes)]
