@@ -130,7 +130,7 @@ def matches(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, Rule
     found = []
     for name, module in model.named_modules():
         for rule in recipe.rules:
-            if type(module).__name__.endswith(rule.module_class) and re.fullmatch(rule.pattern, name):
+            if rule.module_class in type(module).__name__ and re.fullmatch(rule.pattern, name):
                 found.append((name, module, rule))
                 break
     return found

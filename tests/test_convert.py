@@ -9,6 +9,7 @@ import ann2snn
 from ann2snn.errors import CheckpointError, UnsupportedModelError
 from ann2snn.modules.attention import SNNMatmul, SpikingAttention
 from ann2snn.modules.neuron import SpikeTrain, set_simulation
+from ann2snn.modules.silu import SNNSiLU
 from ann2snn.modules.synapsis import Synapsis, SynapticWeights
 
 from conftest import SMALL
@@ -36,6 +37,7 @@ def test_every_decoder_linear_and_attention_is_replaced(converted):
     layers = SMALL["num_hidden_layers"]
     assert sum(isinstance(m, Synapsis) for m in model.modules()) == 7 * layers
     assert sum(isinstance(m, SpikingAttention) for m in model.modules()) == layers
+    assert sum(isinstance(m, SNNSiLU) for m in model.modules()) == layers
     assert not any(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.startswith("model.layers"))
 
 

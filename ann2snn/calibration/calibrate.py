@@ -1,6 +1,6 @@
 """The calibration pass: run the ANN over token windows and gather statistics at every site the recipe needs.
 
-Statistics are a dict site → {"absmax", "p99.9", "sample"} and are saved as
+Statistics are a dict site → {"absmax", "p99.9", "top", "sample", "tokens"} and are saved as
 `calibration.safetensors` in the export, so a later convert can reuse them
 (`--calib-stats`) with any threshold rule, coding or T.
 """
@@ -24,7 +24,7 @@ from ..recipes.base import Recipe
 from ..replace import CALIBRATION_ATTENTION, REPLACEMENTS, matches
 from .observers import ChannelObserver
 
-STATISTICS = ("absmax", "p99.9", "sample")
+STATISTICS = ("absmax", "p99.9", "top", "sample", "tokens")
 OPTIONAL_STATISTICS = ("absmax_before_smoothing",)
 
 

@@ -66,7 +66,8 @@ class ChannelObserver:
         if self.absmax is None:
             raise RuntimeError(f"observer {self.site} saw no data")
         k = min(top_count(self.tokens), self.top.shape[0])
-        return {"absmax": self.absmax.clone(), "p99.9": self.top[k - 1].clone(), "sample": self.sample.clone()}
+        return {"absmax": self.absmax.clone(), "p99.9": self.top[k - 1].clone(), "top": self.top[:k].clone(),
+                "sample": self.sample.clone(), "tokens": torch.tensor(self.tokens)}
 
 
 def _top(magnitude: torch.Tensor, k: int) -> torch.Tensor:

@@ -2,9 +2,12 @@
 
 - ``max``: the largest |x| seen; nothing clips, coarse steps when a channel has outliers.
 - ``percentile``: the 99.9th percentile of |x|; outliers clip.
-- ``mse``: per channel, the clip in a grid of fractions of the max that minimises
-  the mean squared quantisation error of the reservoir sample at the recipe's
-  coding and T — the trade between clipping error and rounding error.
+- ``mse``: per channel, the clip between the 99.9th percentile and the max that
+  minimises the expected squared quantisation error at the recipe's coding and
+  T — the trade between clipping error and rounding error. The expectation
+  weighs the reservoir sample (the bulk) and the channel's largest values (the
+  tail, which a small sample misses but which carries the massive activations)
+  by how many tokens each stands for.
 """
 
 from __future__ import annotations
@@ -24,20 +27,30 @@ def choose_clip(stats: dict[str, torch.Tensor], rule: str, code: SpikeCode) -> t
     elif rule == "percentile":
         clip = torch.minimum(stats["p99.9"], stats["absmax"])
     elif rule == "mse":
-        clip = mse_clip(stats["sample"], stats["absmax"], code)
+        clip = mse_clip(stats, code)
     else:
         raise ConfigError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
     return clip.clamp_min(MIN_CLIP)
 
 
-def mse_clip(sample: torch.Tensor, absmax: torch.Tensor, code: SpikeCode, grid: int = 48) -> torch.Tensor:
-    """Per-channel clip minimising E[(x − Q(x))²] over the sample, searched on fractions of absmax."""
-    absmax = absmax.clamp_min(MIN_CLIP)
-    best_err = torch.full_like(absmax, float("inf"))
-    best = absmax.clone()
-    for fraction in torch.linspace(1.0, 0.05, grid):
-        clip = absmax * fraction
-        err = (code.quantise(sample, code.step_size(clip)) - sample).pow(2).mean(0)
+def mse_clip(stats: dict[str, torch.Tensor], code: SpikeCode, grid: int = 32) -> torch.Tensor:
+    """Per-channel clip in [p99.9, max] minimising the token-weighted squared quantisation error."""
+    absmax = stats["absmax"].clamp_min(MIN_CLIP)
+    low = torch.minimum(stats["p99.9"], absmax)
+    sample, top = stats["sample"], stats["top"]
+    tokens = float(stats["tokens"])
+    tail_weight = top.shape[0] / tokens  # the top values are this share of all tokens; the sample stands for the rest
+
+    def error(clip):
+        step = code.step_size(clip)
+        bulk = (code.quantise(sample, step) - sample).pow(2).mean(0)
+        tail = (code.quantise(top, step) - top).pow(2).mean(0)
+        return (1 - tail_weight) * bulk + tail_weight * tail
+
+    best, best_err = absmax.clone(), error(absmax)
+    for fraction in torch.linspace(0.0, 1.0, grid + 1)[:-1]:
+        clip = low + (absmax - low) * fraction
+        err = error(clip)
         better = err < best_err
         best = torch.where(better, clip, best)
         best_err = torch.where(better, err, best_err)

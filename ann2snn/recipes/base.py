@@ -20,7 +20,7 @@ from ..transforms import check_transforms
 @dataclass(frozen=True)
 class Rule:
     pattern: str  # regular expression, matched against the full module name
-    module_class: str  # class name suffix: "Linear", "Attention", "SiLU"…
+    module_class: str  # part of the class name: "Linear", "Attention", "SiLU" (nn.SiLU, SiLUActivation)…
     replace_with: str  # a key of ann2snn.replace.REPLACEMENTS
     threshold: str | None = None  # overrides Recipe.threshold for these neurons
 
