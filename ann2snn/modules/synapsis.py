@@ -25,10 +25,11 @@ from .neuron import SignedNeuron, SpikeTrain
 class SynapticWeights(nn.Module):
     """W and b of a Synapsis; accepts a spike train (step mode) or a dense value."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        # The Linear's own parameters, not copies: a converted model never holds the weights twice.
+        self.weight = weight
+        self.bias = bias
 
     def forward(self, x: torch.Tensor | SpikeTrain) -> torch.Tensor:
         if not isinstance(x, SpikeTrain):
