@@ -140,8 +140,15 @@ def read_snn_config(folder: Path) -> dict:
         raise CheckpointError(
             f"{folder} was written by a newer ann2snn (format {config['format_version']}, this one reads {FORMAT_VERSION}); upgrade ann2snn"
         )
-    if not isinstance(config.get("recipe"), dict):
-        raise CheckpointError(f"{path} has no recipe; the export is damaged")
+    recipe = config.get("recipe")
+    expected = {"name": str, "coding": str, "timesteps": int, "threshold": str, "outliers": list}
+    if not isinstance(recipe, dict) or any(not isinstance(recipe.get(k), t) or isinstance(recipe.get(k), bool)
+                                           for k, t in expected.items()):
+        raise CheckpointError(f"{path} has no valid recipe (name, coding, timesteps, threshold, outliers); the export is damaged")
+    if not all(isinstance(o, str) for o in recipe["outliers"]):
+        raise CheckpointError(f"{path} lists outlier transforms that are not names; the export is damaged")
+    if not all(isinstance(v, str) and isinstance(k, str) and "\x00" not in k for k, v in config["files"].items()):
+        raise CheckpointError(f"{path} lists files wrongly; the export is damaged")
     return config
 
 

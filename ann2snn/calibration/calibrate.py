@@ -112,6 +112,13 @@ def load_statistics(path: str | Path) -> tuple[dict, dict]:
         missing = set(STATISTICS) - set(stats)
         if missing:
             raise CheckpointError(f"calibration statistics {path} lack {', '.join(sorted(missing))} for {site}; recalibrate")
-        if not all(torch.isfinite(v).all() for v in stats.values()):
-            raise CheckpointError(f"calibration statistics {path} hold NaN or Inf at {site}; recalibrate")
+        if not all(v.is_floating_point() or k == "tokens" for k, v in stats.items()) or not all(torch.isfinite(v).all() for v in stats.values()):
+            raise CheckpointError(f"calibration statistics {path} hold non-numbers at {site}; recalibrate")
+        channels = stats["absmax"].shape
+        shapes_agree = (stats["p99.9"].shape == channels and stats["sample"].shape[1:] == channels
+                        and stats["top"].shape[1:] == channels and stats["sample"].dim() >= 2 and stats["top"].shape[0] >= 1
+                        and stats["tokens"].numel() == 1 and int(stats["tokens"]) >= stats["top"].shape[0]
+                        and stats.get("absmax_before_smoothing", stats["absmax"]).shape == channels)
+        if not shapes_agree:
+            raise CheckpointError(f"calibration statistics {path} have inconsistent shapes at {site}; recalibrate")
     return statistics, metadata
