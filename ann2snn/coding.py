@@ -42,9 +42,9 @@ class SpikeCode:
     def __post_init__(self) -> None:
         if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) or self.timesteps <= 0:
             raise ConfigError(f"timesteps must be a positive integer, got {self.timesteps!r}")
-        if self.name == "phase" and self.timesteps > 23:
+        if self.name == "phase" and self.timesteps > MAX_PHASE_STEPS:
             # 2^T levels stop being exact integers in float32 past 2^24.
-            raise ConfigError(f"phase coding supports at most 23 timesteps, got {self.timesteps}; use rate coding for longer windows")
+            raise ConfigError(f"phase coding supports at most {MAX_PHASE_STEPS} timesteps, got {self.timesteps}; use rate coding for longer windows")
         if self.name not in CODINGS:
             raise ConfigError(f"unknown coding {self.name!r}; choose one of {', '.join(CODINGS)}")
 
@@ -85,3 +85,9 @@ def _working_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 CODINGS = ("rate", "phase")
+MAX_PHASE_STEPS = 23
+
+
+def best_coding(timesteps: int) -> str:
+    """The coding with the most levels at this T: phase up to 23 steps (2^24 levels), rate beyond."""
+    return "phase" if timesteps <= MAX_PHASE_STEPS else "rate"
