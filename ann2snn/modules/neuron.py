@@ -32,7 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from spikingjelly.activation_based import base
+try:
+    from spikingjelly.activation_based import base
+except ImportError:  # pyproject cannot list it safely; see install.sh
+    raise ImportError("ann2snn needs spikingjelly 2.0.0: pip install --no-deps spikingjelly==2.0.0 (see install.sh)") from None
 
 from ..coding import SpikeCode
 
