@@ -202,5 +202,10 @@ def evaluate(export_dir, data, seq_len, max_tokens, simulation, as_json):
                    f"top-1 agreement {result['top1_agreement']:.4f}")
 
 
+from .report_cli import report  # noqa: E402
+
+main.add_command(report)
+
+
 if __name__ == "__main__":
     main()
