@@ -104,7 +104,7 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, samples: int | None
         # Tokenise no more than needed, with room to pick windows at random.
         budget = samples * seq_len * 8 if budget is None else min(budget, samples * seq_len * 8)
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + separator)
         if budget is not None and len(ids) >= budget:
             ids = ids[:budget]
             break
