@@ -12,7 +12,9 @@ Levels, not steps, set the error, so the two codings differ by far at equal T:
 - **rate**: every spike weighs the same (w_t = 1): 2T+1 levels in T steps.
   This is the signed integrate-and-fire neuron of SpikeZIP-TF and of the paper.
 - **phase**: the spike at step t weighs 2^(T−1−t) (most significant first, the
-  binary phase code of PhaseSNN / few-spike neurons): 2^(T+1)−1 levels.
+  binary phase code of PhaseSNN / few-spike neurons): 2^(T+1)−1 levels. At most
+  23 steps carry weight (2^24 levels, float32's exact-integer range); in a
+  longer window the later steps stay silent.
 
 The neuron's *threshold* at step t is w_t·Δ: a spike at step t is worth
 ±(its threshold), the weighting is a shift for the phase code.
@@ -42,9 +44,6 @@ class SpikeCode:
     def __post_init__(self) -> None:
         if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) or self.timesteps <= 0:
             raise ConfigError(f"timesteps must be a positive integer, got {self.timesteps!r}")
-        if self.name == "phase" and self.timesteps > MAX_PHASE_STEPS:
-            # 2^T levels stop being exact integers in float32 past 2^24.
-            raise ConfigError(f"phase coding supports at most {MAX_PHASE_STEPS} timesteps, got {self.timesteps}; use rate coding for longer windows")
         if self.name not in CODINGS:
             raise ConfigError(f"unknown coding {self.name!r}; choose one of {', '.join(CODINGS)}")
 
@@ -53,12 +52,18 @@ class SpikeCode:
         t = torch.arange(self.timesteps, dtype=torch.float32)
         if self.name == "rate":
             return torch.ones_like(t)
-        return torch.pow(2.0, self.timesteps - 1 - t)
+        # Steps past the 23rd stay silent (weight 0): 2^24 levels is float32's exact-integer range.
+        return torch.where(t < self.weighted_steps, torch.pow(2.0, self.weighted_steps - 1 - t), torch.zeros_like(t))
+
+    @property
+    def weighted_steps(self) -> int:
+        """Steps whose spikes carry weight: all T for rate, at most 23 for phase."""
+        return self.timesteps if self.name == "rate" else min(self.timesteps, MAX_PHASE_STEPS)
 
     @property
     def max_count(self) -> int:
         """L: the largest |Σ_t s_t w_t|, in units of Δ."""
-        return self.timesteps if self.name == "rate" else 2**self.timesteps - 1
+        return self.timesteps if self.name == "rate" else 2**self.weighted_steps - 1
 
     @property
     def levels(self) -> int:
@@ -86,8 +91,3 @@ def _working_dtype(x: torch.Tensor) -> torch.dtype:
 
 CODINGS = ("rate", "phase")
 MAX_PHASE_STEPS = 23
-
-
-def best_coding(timesteps: int) -> str:
-    """The coding with the most levels at this T: phase up to 23 steps (2^24 levels), rate beyond."""
-    return "phase" if timesteps <= MAX_PHASE_STEPS else "rate"

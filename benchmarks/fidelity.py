@@ -26,8 +26,8 @@ Methods, for each T:
    levels, i.e. the quantisation bound) and an "SNN" row (``--simulation``;
    by default ``step`` — the full step-by-step spiking simulation — for T ≤ 16
    and ``fast`` above, where the SNN row repeats the bound, which the step
-   simulation equals to float tolerance). Phase coding holds at most 23 steps,
-   so larger T are marked n/a.
+   simulation equals to float tolerance). Phase coding carries weight on at
+   most 23 steps; at larger T the later steps stay silent.
 2. ann2snn ``qwen2`` recipe, rate coding with MSE thresholds, and rate coding
    with max thresholds (bound and SNN rows alike).
 3. spikingjelly 2.0's own Qwen2 recipe

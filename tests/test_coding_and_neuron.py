@@ -62,3 +62,15 @@ def test_ann_simulation_passes_input_through():
     neuron.simulation = "ann"
     x = torch.randn(2, 3)
     assert neuron(x) is x
+
+
+def test_phase_code_past_23_steps_keeps_later_steps_silent():
+    code = SpikeCode("phase", 30)
+    assert code.max_count == 2**23 - 1 and (code.step_weights()[23:] == 0).all()
+    step = torch.tensor([1e-3])
+    x = (torch.rand(500, 1) - 0.5) * 2 * code.max_count * 1e-3
+    neuron = SignedNeuron(code, 1, step)
+    neuron.simulation = "step"
+    train = neuron(x)
+    assert (train.spikes[23:] == 0).all()
+    assert torch.equal(train.counts(), code.quantise_counts(x, step))

@@ -124,7 +124,7 @@ class SignedNeuron(base.MemoryModule):
         self.v = x.to(dtype) / step.to(dtype)  # membrane potential in units of Δ, as SpikeCode.quantise_counts
         spikes = []
         for w in weights:  # a loop over time steps only, vectorised over every neuron
-            s = (self.v >= w / 2).float() - (self.v < -w / 2).float()
+            s = ((self.v >= w / 2).float() - (self.v < -w / 2).float()) * (w > 0)  # a zero-weight step stays silent
             self.v = self.v - s * w
             spikes.append(s)
         return SpikeTrain(torch.stack(spikes).to(x.dtype), weights, step.to(x.dtype))

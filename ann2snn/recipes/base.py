@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..coding import SpikeCode, best_coding
+from ..coding import SpikeCode
 from ..errors import ConfigError
 from ..transforms import check_transforms
 
@@ -47,9 +47,6 @@ class Recipe:
         unknown = set(chosen) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown recipe option(s): {', '.join(sorted(unknown))}")
-        if "timesteps" in chosen and "coding" not in chosen and self.coding == "phase":
-            # the default coding is the one with the most levels at the chosen T
-            chosen["coding"] = best_coding(chosen["timesteps"]) if isinstance(chosen["timesteps"], int) else self.coding
         if "outliers" in chosen:
             chosen["outliers"] = check_transforms(chosen["outliers"])
         recipe = dataclasses.replace(self, **chosen)
