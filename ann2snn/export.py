@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from safetensors import SafetensorError as SafetensorsError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .atomic import atomic_folder
 from .errors import CheckpointError, ConfigError
 from .replace import apply_recipe
 
@@ -78,12 +77,6 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, shard_bytes: in
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2, sort_keys=True))
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.iterdir()):
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
 def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write the converted `model` (from `ann2snn.convert`) to `out_dir`, atomically."""
     meta = getattr(model, "ann2snn", None)
@@ -92,11 +85,7 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False,
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_folder(out, CheckpointError, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         _write_weights(_unique_state(model), tmp, shard_bytes)
         if meta.get("statistics") is not None:
@@ -109,20 +98,6 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False,
         snn_config = {key: value for key, value in meta.items() if key != "statistics"}
         snn_config.update({"format_version": FORMAT_VERSION, "ann2snn_version": __version__, "files": files})
         (tmp / SNN_CONFIG).write_text(json.dumps(snn_config, indent=2, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write {out}: {exc.strerror or exc}; free disk space or choose another --out") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

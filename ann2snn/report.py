@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +75,7 @@ from spikingjelly.activation_based.op_counter import (
 )
 from tqdm.auto import tqdm
 
+from .atomic import atomic_folder
 from .errors import CheckpointError, ConfigError
 from .modules.attention import SNNMatmul, SpikingAttention
 from .modules.neuron import SignedNeuron, SpikeTrain, set_simulation
@@ -828,19 +827,8 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, list[Path]]:
     out = Path(out_dir)
     if out.exists():
         raise ConfigError(f"report folder {out} already exists; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_folder(out, ConfigError) as tmp:
         plots = write_plots(report, tmp)
         write_json(report, tmp / "report.json")
         write_markdown(report, tmp / "report.md", [p.name for p in plots])
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"could not write {out}: {exc.strerror or exc}; free disk space or choose another --out") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, [out / p.name for p in plots]

@@ -218,7 +218,7 @@ def test_cli_writes_json_markdown_and_plots(exported, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("case", ["out_exists", "bad_timesteps", "too_many_phase_steps", "missing_export", "missing_data"])
+@pytest.mark.parametrize("case", ["out_exists", "bad_timesteps", "negative_timesteps", "missing_export", "missing_data"])
 def test_cli_errors_are_one_line_and_write_nothing(case, exported, tmp_path):
     out, args = tmp_path / "rep", []
     export, data = exported, HELDOUT
@@ -227,15 +227,15 @@ def test_cli_errors_are_one_line_and_write_nothing(case, exported, tmp_path):
         (out / "keep.txt").write_text("mine")
     elif case == "bad_timesteps":
         args = ["--timesteps", "4,zero"]
-    elif case == "too_many_phase_steps":
-        args = ["--timesteps", "4,40"]
+    elif case == "negative_timesteps":
+        args = ["--timesteps", "4,-2"]
     elif case == "missing_export":
         export = tmp_path / "nope"
     else:
         data = tmp_path / "nope.txt"
     result = CliRunner().invoke(main, ["report", str(export), "--data", str(data), "--out", str(out)] + args)
     assert result.exit_code == 2, result.output
-    if case == "bad_timesteps":
+    if case.endswith("timesteps"):
         assert "Invalid value for '--timesteps'" in result.output
     else:
         lines = result.output.strip().splitlines()
