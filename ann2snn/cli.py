@@ -6,34 +6,11 @@ status 2, and nothing half-written left on disk.
 
 from __future__ import annotations
 
-import functools
 import json
-import signal
-import sys
 
 import click
 
-from .errors import Ann2SnnError
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _clean_errors(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        # SIGTERM unwinds like Ctrl-C, so atomic writers clean up their partial folders.
-        signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            return command(*args, **kwargs)
-        except Ann2SnnError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
-    return wrapper
+from .cli_support import clean_errors, positive
 
 
 def _calibration_fingerprint(folder, calib_data, samples, seq_len, seed, transforms) -> str:
@@ -62,12 +39,6 @@ def _init_distributed() -> bool:
     return dist.get_rank() == 0
 
 
-def _positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be a positive integer, got {value}")
-    return value
-
-
 @click.group()
 @click.version_option(package_name="ann2snn")
 def main():
@@ -78,10 +49,10 @@ def main():
 @click.argument("model")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Export folder (must not exist unless --overwrite).")
 @click.option("--calib-data", type=click.Path(), default=None, help=".txt, .jsonl (text field) or folder of .txt; default: bundled English text.")
-@click.option("--calib-samples", type=int, default=32, show_default=True, callback=_positive, help="Token windows used for calibration.")
-@click.option("--seq-len", type=int, default=128, show_default=True, callback=_positive, help="Tokens per calibration window.")
+@click.option("--calib-samples", type=int, default=32, show_default=True, callback=positive, help="Token windows used for calibration.")
+@click.option("--seq-len", type=int, default=128, show_default=True, callback=positive, help="Tokens per calibration window.")
 @click.option("--calib-stats", type=click.Path(), default=None, help="Reuse calibration.safetensors from an earlier convert.")
-@click.option("--timesteps", "-T", type=int, default=None, callback=_positive, help="Time steps per spike window (recipe default: 8).")
+@click.option("--timesteps", "-T", type=int, default=None, callback=positive, help="Time steps per spike window (recipe default: 8).")
 @click.option("--coding", type=click.Choice(["rate", "phase"]), default=None, help="Spike coding (recipe default: phase).")
 @click.option("--threshold", type=click.Choice(["max", "percentile", "mse"]), default=None, help="Threshold rule (recipe default: mse).")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
@@ -91,7 +62,7 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with the checkpoint to run (off by default).")
-@_clean_errors
+@clean_errors
 def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, outliers, recipe,
             dtype, seed, overwrite, trust_remote_code):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
@@ -155,10 +126,10 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
 @main.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=int, default=40, show_default=True, callback=_positive)
+@click.option("--max-new-tokens", type=int, default=40, show_default=True, callback=positive)
 @click.option("--simulation", type=click.Choice(["fast", "step"]), default="fast", show_default=True,
               help="fast: exact accumulated spike counts; step: simulate every time step (same tokens, slower).")
-@_clean_errors
+@clean_errors
 def generate(export_dir, prompt, max_new_tokens, simulation):
     """Generate text with an exported SNN (greedy, with key/value cache)."""
     from . import load, load_tokenizer, set_simulation
@@ -175,11 +146,11 @@ def generate(export_dir, prompt, max_new_tokens, simulation):
 @main.command(name="eval")
 @click.argument("export_dir", type=click.Path())
 @click.option("--data", type=click.Path(), required=True, help="Text to score (.txt, .jsonl or folder).")
-@click.option("--seq-len", type=int, default=128, show_default=True, callback=_positive)
-@click.option("--max-tokens", type=int, default=20000, show_default=True, callback=_positive, help="Score at most this many tokens.")
+@click.option("--seq-len", type=int, default=128, show_default=True, callback=positive)
+@click.option("--max-tokens", type=int, default=20000, show_default=True, callback=positive, help="Score at most this many tokens.")
 @click.option("--simulation", type=click.Choice(["fast", "step"]), default="fast", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_clean_errors
+@clean_errors
 def evaluate(export_dir, data, seq_len, max_tokens, simulation, as_json):
     """Perplexity of the ANN and the SNN on --data, and how often their top-1 tokens agree."""
     from . import load, load_tokenizer

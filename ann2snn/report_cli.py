@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-
 import click
 
-
-# cli.py's `_clean_errors` and `_positive`, looked up when the command runs: cli.py imports this module at its end,
-# so importing cli.py here would be circular (and, under `python -m ann2snn.cli`, would load cli.py twice).
-def _cli():
-    from . import cli
-
-    return cli
-
-
-def _clean_errors(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        return _cli()._clean_errors(command)(*args, **kwargs)
-    return wrapper
-
-
-def _positive(ctx, param, value):
-    return _cli()._positive(ctx, param, value)
+from .cli_support import clean_errors, positive
 
 
 def _timesteps(ctx, param, value):
@@ -61,13 +42,13 @@ def _energy(ctx, param, value):
 @click.option("--timesteps", "-T", callback=_timesteps, default=None,
               help="Comma-separated T values, e.g. 4,8,16; other T than the export's are rebuilt from its calibration "
                    "statistics (default: the export's T).")
-@click.option("--max-tokens", type=int, default=2048, show_default=True, callback=_positive, help="Run at most this many tokens.")
-@click.option("--seq-len", type=int, default=128, show_default=True, callback=_positive, help="Tokens per window.")
-@click.option("--batch-size", type=int, default=4, show_default=True, callback=_positive, help="Windows per forward pass.")
+@click.option("--max-tokens", type=int, default=2048, show_default=True, callback=positive, help="Run at most this many tokens.")
+@click.option("--seq-len", type=int, default=128, show_default=True, callback=positive, help="Tokens per window.")
+@click.option("--batch-size", type=int, default=4, show_default=True, callback=positive, help="Windows per forward pass.")
 @click.option("--e-mac", type=float, default=4.6, show_default=True, callback=_energy, help="Energy of a MAC in pJ (45 nm).")
 @click.option("--e-ac", type=float, default=0.9, show_default=True, callback=_energy, help="Energy of an AC in pJ (45 nm).")
 @click.option("--e-shift", type=float, default=None, callback=_energy, help="Energy of a shift in pJ (default: --e-ac).")
-@_clean_errors
+@clean_errors
 def report(export_dir, data, out_dir, timesteps, max_tokens, seq_len, batch_size, e_mac, e_ac, e_shift):
     """Run the export as ANN and as SNN (step simulation) over --data and write report.json, report.md and plots.
 
