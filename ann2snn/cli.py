@@ -173,6 +173,11 @@ def evaluate(export_dir, data, seq_len, max_tokens, simulation, as_json):
                    f"top-1 agreement {result['top1_agreement']:.4f}")
 
 
+from .finetune_cli import finetune  # noqa: E402
+
+main.add_command(finetune)
+
+
 from .report_cli import report  # noqa: E402
 
 main.add_command(report)

@@ -1,0 +1,352 @@
+"""`stdp`: reward-modulated spike-timing-dependent plasticity on the Synapsis weights, with homeostatic thresholds.
+
+After BrainTransformers (arXiv 2410.14687), whose third training stage adapts the
+synapses with STDP gated by a global reward signal; here the rule is written for
+ann2snn's neurons and schedule, and taught by the ANN (a supervised STDP in the
+manner of ReSuMe, Ponulak & Kasiński 2010: the post-synaptic spikes that drive
+plasticity are the *desired minus the actual* ones).
+
+Spike times. A Synapsis' input neuron integrates a token's whole input, then
+fires its T steps; the next stage integrates that window and fires in the next
+T steps (see `ann2snn.modules.neuron`). With tokens streamed one window after
+another, token p's pre-synaptic spike at step t happens at time pT + t and the
+post-synaptic spike it causes, at step t', at (p+1)T + t'. So
+
+- pairs within a token are causal: Δt = t_post − t_pre = T + t' − t ∈ [1, 2T−1];
+- token p's post-synaptic window overlaps token p+1's pre-synaptic window:
+  Δt = t' − t, of either sign.
+
+Pairs further apart (≥ one whole window more) are left out.
+
+Spike trains (from the step simulation, ``SpikeTrain``):
+
+- pre-synaptic, synapse (j, i): the Synapsis input train, s_{p,t,i} ∈ {−1, 0, 1},
+  each spike worth its threshold: x_{p,t,i} = s_{p,t,i}·w_t·Δ_i (w_t = 1 for
+  rate, 2^(T−1−t) for phase coding), so Σ_t x_{p,t,i} = x̂_{p,i}, the value the
+  neuron sends;
+- post-synaptic, output j: a signed neuron with the same code reading the
+  teaching current e_{p,j} = y*_{p,j} − y_{p,j}, where y* is the output the
+  layer has in the ANN (the teacher, original weights, float input) and y its
+  output in the SNN. Its step is Δ^e_j = max_p |e_{p,j}| / L for the batch and
+  its train ε_{p,t',j}·w_{t'}·Δ^e_j sums to e_{p,j} (rounded). Encoding the
+  difference is encoding "desired − actual" post-synaptic spikes at the
+  resolution of the error rather than of the output.
+
+STDP window, per pair at Δt = t_post − t_pre (time in steps):
+
+    δ(Δt) = A₊·exp(−Δt/τ₊)   for Δt > 0  (pre before post: potentiation)
+    δ(Δt) = −A₋·exp(Δt/τ₋)   for Δt < 0  (post before pre: depression)
+    δ(0)  = 0
+
+with τ₊ = τ₋ = T by default, A₊ = 1 and A₋ = 0 by default. Within a token every
+pair is causal, so the depression branch only ever pairs token p's post-synaptic
+spikes with token p+1's pre-synaptic spikes, which they cannot have caused; on
+qwen2-tiny (phase coding, T = 3, 200 steps) any depression there (A₋ = 0.25 or
+1) fitted the training text's token-to-token statistics and made a different
+author's text worse (its perplexity gap grew 8 % and 11 %), while with A₋ = 0
+the rule closed 17–21 % of the same-author held-out gap and left the other
+author's within ±7 % (the spread that perturbing the weights by 1e-5 alone
+gives). Pass ``a_minus`` to turn depression on.
+
+Per-synapse eligibility trace, for weight W_ji, summed over the batch's tokens:
+
+    E_ji = Σ_p Σ_{t,t'} ε_{p,t',j}·w_{t'}Δ^e_j · [ δ(T + t' − t)·x_{p,t,i} + δ(t' − t)·x_{p+1,t,i} ]
+
+Counting a token's own pairs only, with a flat window (δ ≡ 1), E = Σ_p e_p x̂_pᵀ:
+the local delta rule that makes the layer reproduce its ANN output from its
+quantised input (tested). The exponential window weighs pairs by their distance
+in time, and the next-token pairs add what a streamed network would also see.
+E is normalised per layer as in normalised LMS, Ê = E / (N·mean δ_own·mean_p‖x̂_p‖²)
+(N tokens, mean δ_own the mean window weight of the causal pairs), so η is in
+units of the normalised-LMS step whatever the layer's scale: η = 1 would remove
+one token's whole teaching current if the batch held that token alone; averaged
+over many, differing tokens the step is far smaller (hence the default η = 8).
+
+Global modulation. With L_b the batch's task loss (KL of the SNN from the ANN,
+as `distill`) and L̄ its moving average (L̄ ← (1−α)L̄ + αL_b, started at the
+first loss),
+
+    G_b = σ(β·(L̄ − L_b)/L̄)        ∈ (0, 1)
+
+(the difference is taken relative to L̄ so β has no units): a batch the SNN
+handles better than usual strengthens plasticity, a worse one weakens it.
+
+Weight update. The eligibility traces integrate the gated Ê of ``accumulate``
+batches (default 8; one batch's tokens are too few to estimate a trace per
+synapse), then, per synapse,
+
+    W ← W + η·( (1/n)·Σ_b G_b·Ê_b − λ·(W − W₀) )
+
+and the traces restart from zero. The "−w" term of the published rule becomes a
+pull towards the converted weights W₀ (λ = ``anchor``, default 0): a decay
+towards zero would erase the pretrained network. The default η = 8 (≈ 4 after
+the gate's typical 1/2) was chosen on qwen2-tiny: with traces over 8+ batches,
+η·G between 2 and 4 lowers the held-out KL most, below 1 the change drowns in
+the rounding noise of the quantised network.
+
+Homeostatic thresholds. At the same update, each calibrated neuron's firing
+rate r_c (mean over tokens and steps of |s|, averaged over the batches) is
+pulled towards a target rate r*_c, slowly:
+
+    log Δ_c ← log Δ_c + η_θ·(r_c − r*_c)
+
+(firing too often raises the threshold). The default target is the rate the
+same neuron has when driven by the ANN's activations (``target_rate=None``),
+a per-channel set point; a number sets one target rate for every neuron.
+
+Safeguard. After each update the held-out-in-training KL is measured; an update
+that raises it (or lowers it by less than a fraction ``min_improvement``, default
+0) is undone and tried again at η/2 and η/4; when all three fail the update is
+dropped and η is halved (it grows back by 1.5× after each update kept at full
+size, up to its starting value). The held-out-in-training loss therefore never
+rises. Because the safeguard selects updates on these windows, the rule holds
+out more of them by default (32 windows) than `distill` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..coding import SpikeCode
+from ..modules.neuron import SignedNeuron, SpikeTrain, set_simulation
+from .common import HeldOut, kl_per_token, logits, swapped_weights, synapses
+from .ste import calibrated_neurons
+
+
+def stdp_window(code: SpikeCode, a_plus: float, a_minus: float, tau_plus: float, tau_minus: float):
+    """(δ_own [T,T], δ_next [T,T]): window weights δ(Δt) indexed [t_post, t_pre] for own- and next-token pairs."""
+    T = code.timesteps
+    t_post = torch.arange(T, dtype=torch.float32).reshape(-1, 1)
+    t_pre = torch.arange(T, dtype=torch.float32).reshape(1, -1)
+
+    def delta(dt):
+        return torch.where(dt > 0, a_plus * torch.exp(-dt / tau_plus),
+                           torch.where(dt < 0, -a_minus * torch.exp(dt / tau_minus), torch.zeros_like(dt)))
+
+    return delta(T + t_post - t_pre), delta(t_post - t_pre)
+
+
+def _rate(train: SpikeTrain, channel_shape: torch.Size) -> torch.Tensor:
+    """Per-channel firing rate: mean |s| over steps and tokens."""
+    spikes = train.spikes.abs().float()
+    if len(channel_shape) == 0:
+        return spikes.mean()
+    return spikes.reshape((-1,) + tuple(channel_shape)).mean(0)
+
+
+class STDPRule:
+    name = "stdp"
+    default_lr = 8.0
+
+    def __init__(self, model, *, lr: float, synaptic: dict, originals: dict, held_out: HeldOut,
+                 a_plus: float = 1.0, a_minus: float = 0.0, tau_plus: float | None = None,
+                 tau_minus: float | None = None, beta: float = 5.0, baseline_decay: float = 0.1,
+                 anchor: float = 0.0, threshold_rate: float = 0.01, target_rate: float | None = None,
+                 accumulate: int = 8, min_improvement: float = 0.0):
+        self.model = model
+        self.lr = lr
+        self.eta = lr  # the current rate (halved on a rejected update)
+        self.synaptic = synaptic
+        self.originals = originals
+        self.held_out = held_out
+        self.a_plus, self.a_minus = a_plus, a_minus
+        self.tau_plus, self.tau_minus = tau_plus, tau_minus
+        self.beta = beta
+        self.baseline_decay = baseline_decay
+        self.anchor = anchor
+        self.threshold_rate = threshold_rate
+        self.target_rate = target_rate
+        self.accumulate = accumulate
+        self.backtrack = (1.0, 0.5, 0.25)
+        self.min_improvement = min_improvement
+        self.trace: dict[str, torch.Tensor] = {}
+        self.rates: dict[str, torch.Tensor] = {}
+        self.targets: dict[str, torch.Tensor] = {}
+        self.pending = 0
+        self.synapses = synapses(model)
+        self.neurons = calibrated_neurons(model)
+        self.baseline: float | None = None
+        self.best: float | None = None
+        self.accepted = 0
+        self.rejected = 0
+        self.gates: list[float] = []
+        self._windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __enter__(self):
+        if self.best is None:
+            self.best = self.held_out.evaluate()["kl"]
+        return self
+
+    def __exit__(self, *exc):
+        set_simulation(self.model, "fast")
+        return False
+
+    def _window(self, code: SpikeCode, device) -> tuple[torch.Tensor, torch.Tensor]:
+        T = code.timesteps
+        if T not in self._windows:
+            own, nxt = stdp_window(code, self.a_plus, self.a_minus, self.tau_plus or T, self.tau_minus or T)
+            self._windows[T] = (own.to(device), nxt.to(device))
+        return self._windows[T]
+
+    def eligibility(self, pre: SpikeTrain, error: torch.Tensor, code: SpikeCode) -> torch.Tensor:
+        """Normalised per-synapse eligibility Ê [out, in] of one Synapsis for a batch (module docstring)."""
+        own, nxt = self._window(code, error.device)
+        x = pre.values().float()  # [T, B, S, in]: x_{p,t,i} = s·w_t·Δ_i
+        x_next = torch.zeros_like(x)
+        x_next[:, :, :-1] = x[:, :, 1:]  # token p+1's pre-synaptic window, within each sequence
+        error = error.float()
+        err_step = (error.abs().reshape(-1, error.shape[-1]).amax(0) / code.max_count).clamp_min(1e-30)
+        teaching = SignedNeuron(code, error.shape[-1], err_step).to(error.device)
+        post = teaching.fire(error, err_step).values().float()  # [T, B, S, out]
+        filtered = torch.einsum("ab,bnsi->ansi", own, x) + torch.einsum("ab,bnsi->ansi", nxt, x_next)
+        trace = post.reshape(-1, post.shape[-1]).t() @ filtered.reshape(-1, filtered.shape[-1])
+        tokens = error.numel() // error.shape[-1]
+        power = x.sum(0).pow(2).sum(-1).mean().clamp_min(1e-30)
+        return trace / (tokens * own.mean() * power)
+
+    def collect(self, ids: torch.Tensor):
+        """One batch through teacher and SNN: (task loss, Ê per Synapsis, SNN rates, target rates)."""
+        model = self.model
+        targets, target_rates, pre, traces, rates = {}, {}, {}, {}, {}
+        owner = {id(s.neuron): name for name, s in self.synapses}
+        handles = []
+        try:
+            # 1. the teacher: ANN outputs y* of every Synapsis, and every neuron's rate on the ANN's activations
+            for name, syn in self.synapses:
+                handles.append(syn.register_forward_hook(lambda m, a, out, name=name: targets.__setitem__(name, out.detach())))
+            for name, neuron in self.neurons:
+                def teacher_rate(m, args, out, name=name):
+                    x = args[0].detach()
+                    target_rates[name] = _rate(m.fire(x, m.current_step(x)), m.step.shape)
+                handles.append(neuron.register_forward_hook(teacher_rate))
+            with torch.no_grad(), swapped_weights(self.synaptic, self.originals):
+                set_simulation(model, "ann")
+                teacher = logits(model, ids)
+            for h in handles:
+                h.remove()
+            handles = []
+
+            # 2. the SNN, step by step: pre-synaptic trains, outputs, eligibility traces, rates
+            def student_rate(m, args, out):
+                name = neuron_name[id(m)]
+                rates[name] = _rate(out, m.step.shape)
+                if id(m) in owner:
+                    pre[owner[id(m)]] = out
+
+            def trace(m, args, out, name):
+                train = pre.pop(name)
+                traces[name] = self.eligibility(train, targets.pop(name) - out.detach(), m.neuron.code)
+
+            neuron_name = {id(n): name for name, n in self.neurons}
+            for name, neuron in self.neurons:
+                handles.append(neuron.register_forward_hook(student_rate))
+            for name, syn in self.synapses:
+                handles.append(syn.register_forward_hook(lambda m, a, out, name=name: trace(m, a, out, name)))
+            with torch.no_grad():
+                set_simulation(model, "step")
+                loss = kl_per_token(teacher, logits(model, ids)).mean().item()
+        finally:
+            for h in handles:
+                h.remove()
+            set_simulation(model, "fast")
+
+        return loss, traces, rates, target_rates
+
+    def step(self, ids: torch.Tensor, k: int, last: bool = False) -> float:
+        loss, traces, rates, target_rates = self.collect(ids)
+
+        # 3. global modulation from the loss against its moving baseline
+        if self.baseline is None:
+            self.baseline = loss
+        gate = 1.0 / (1.0 + math.exp(-self.beta * (self.baseline - loss) / max(self.baseline, 1e-12)))
+        self.baseline = (1 - self.baseline_decay) * self.baseline + self.baseline_decay * loss
+        self.gates.append(gate)
+
+        # 4. the per-synapse eligibility traces integrate the gated Ê of `accumulate` batches
+        for name, value in traces.items():
+            self.trace[name] = gate * value if name not in self.trace else self.trace[name] + gate * value
+        for name, value in rates.items():
+            self.rates[name] = value if name not in self.rates else self.rates[name] + value
+            self.targets[name] = target_rates[name] if name not in self.targets else self.targets[name] + target_rates[name]
+        self.pending += 1
+        if self.pending >= self.accumulate or last:
+            self._apply()
+        return loss
+
+    def _apply(self) -> None:
+        """Plasticity from the integrated traces, then the safeguard; the traces start again from zero."""
+        n = self.pending
+        changes, factors = {}, {}
+        with torch.no_grad():
+            for name, syn in self.synapses:
+                change = self.trace[name] / n
+                if self.anchor:
+                    weight = syn.synapse.weight.float()
+                    change = change - self.anchor * (weight - self.originals[f"{name}.synapse.weight"].float())
+                changes[name] = change
+            if self.threshold_rate:
+                for name, neuron in self.neurons:
+                    if name in self.rates:
+                        rate = self.rates[name] / n
+                        target = self.targets[name] / n if self.target_rate is None else torch.full_like(rate, self.target_rate)
+                        factors[name] = self.threshold_rate * (rate - target)  # Δ log Δ at full rate
+        self.trace, self.rates, self.targets, self.pending = {}, {}, {}, 0
+
+        # 5. keep the update only if the held-out-in-training loss does not rise: try η, η/2, η/4
+        weights = {name: syn.synapse.weight for name, syn in self.synapses}
+        steps = dict(self.neurons)
+        for scale in self.backtrack:
+            old_w = {name: w.detach().clone() for name, w in weights.items()}
+            old_s = {name: steps[name].step.detach().clone() for name in factors}
+            with torch.no_grad():
+                for name, change in changes.items():
+                    weights[name].add_((self.eta * scale * change).to(weights[name].dtype))
+                for name, factor in factors.items():
+                    steps[name].step.mul_(torch.exp(scale * factor).to(steps[name].step))
+            held = self.held_out.evaluate()["kl"]
+            if held <= self.best * (1 - self.min_improvement):
+                self.best = held
+                self.accepted += 1
+                self.eta = min(self.lr, self.eta * 1.5) if scale == 1 else self.eta * scale
+                return
+            with torch.no_grad():
+                for name, w in weights.items():
+                    w.copy_(old_w[name])
+                for name, value in old_s.items():
+                    steps[name].step.copy_(value)
+        self.rejected += 1
+        self.eta /= 2
+
+    def state_dict(self) -> dict:
+        def cpu(d):
+            return {name: value.detach().cpu().clone() for name, value in d.items()}
+        return {
+            "weights": {f"{name}.synapse.weight": s.synapse.weight.detach().cpu().clone() for name, s in self.synapses},
+            "steps": {name: n.step.detach().cpu().clone() for name, n in self.neurons},
+            "trace": cpu(self.trace), "rates": cpu(self.rates), "targets": cpu(self.targets), "pending": self.pending,
+            "baseline": self.baseline, "best": self.best, "eta": self.eta,
+            "accepted": self.accepted, "rejected": self.rejected, "gates": list(self.gates),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                self.synaptic[name].copy_(value)
+            steps = dict(self.neurons)
+            for name, value in state["steps"].items():
+                steps[name].step.copy_(value)
+        self.trace = {name: value.to(device) for name, value in state["trace"].items()}
+        self.rates = {name: value.to(device) for name, value in state["rates"].items()}
+        self.targets = {name: value.to(device) for name, value in state["targets"].items()}
+        self.pending = state["pending"]
+        self.baseline, self.best, self.eta = state["baseline"], state["best"], state["eta"]
+        self.accepted, self.rejected, self.gates = state["accepted"], state["rejected"], list(state["gates"])
+
+    def summary(self) -> dict:
+        return {"updates_kept": self.accepted, "updates_undone": self.rejected,
+                "mean_gate": sum(self.gates) / len(self.gates) if self.gates else None, "final_rate": self.eta,
+                "a_plus": self.a_plus, "a_minus": self.a_minus, "beta": self.beta, "anchor": self.anchor,
+                "threshold_rate": self.threshold_rate, "accumulate": self.accumulate}

@@ -1,0 +1,156 @@
+"""A differentiable path through the spiking neurons, for gradient fine-tuning.
+
+In ``"fast"`` simulation a `SignedNeuron` outputs the value its spikes add up to,
+
+    x̂ = Q(x; Δ) = k·Δ,   k = clamp(⌊x/Δ + 1/2⌋, −L, L),
+
+which is piecewise constant in x and so has no useful gradient. Here the same
+forward value gets the straight-through (STE) / LSQ gradient (Esser et al.,
+"Learned Step Size Quantization", 2020), with u = x/Δ:
+
+    ∂x̂/∂x = 1 if −L ≤ u ≤ L, else 0          (identity inside the clip, zero outside)
+    ∂x̂/∂Δ = k − u if −L ≤ u ≤ L, else k       (= round(u) − u inside, ±L outside)
+
+The forward value is `SpikeCode.quantise` itself (not an approximation), so a
+model under `differentiable_neurons` computes exactly what the spiking
+simulation accumulates; only the backward pass differs.
+
+Learnable thresholds. The per-channel step Δ of every calibrated neuron is
+trained through its logarithm, Δ = exp(s): Δ stays positive, and an Adam step on
+s changes Δ by a relative amount (≈ lr), the same for a channel with Δ = 1e-4 and
+one with Δ = 1, so channels of very different scales learn at one rate. Adam's
+per-parameter normalisation takes the place of LSQ's gradient scale 1/√(N·L)
+(which would only rescale a gradient that Adam normalises anyway). The chain rule
+gives ∂loss/∂s = Δ·∂loss/∂Δ.
+
+The `SignedNeuron` class is not modified: `differentiable_neurons` gives each
+neuron instance a temporary ``forward`` (an instance attribute, which
+``nn.Module.__call__`` finds before the class method) and a log-step parameter
+held outside the module, and on exit writes Δ = exp(s) back into the neuron's
+``step`` buffer and removes the instance ``forward``. The model's state dict and
+export format are never changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..modules.attention import SNNSoftmax
+from ..modules.neuron import DynamicNeuron, SignedNeuron
+
+MIN_LOG_STEP = -40.0  # Δ ≥ e^-40: a channel never collapses to a zero threshold
+
+
+class STEQuantise(torch.autograd.Function):
+    """x̂ = clamp(⌊x/Δ + 1/2⌋, −L, L)·Δ forward; the STE / LSQ gradients of the module docstring backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, step: torch.Tensor, max_count: int) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        step_w = step.to(dtype)
+        k = torch.clamp(torch.floor(x.to(dtype) / step_w + 0.5), -max_count, max_count)
+        ctx.save_for_backward(x, step)  # u and k are recomputed: one saved tensor per element, not two
+        ctx.max_count = max_count
+        return (k * step_w).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, step = ctx.saved_tensors
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        u = x.to(dtype) / step.to(dtype)
+        k = torch.clamp(torch.floor(u + 0.5), -ctx.max_count, ctx.max_count)
+        grad = grad_out.to(dtype)
+        inside = (u >= -ctx.max_count) & (u <= ctx.max_count)
+        grad_x = (grad * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            per_element = grad * torch.where(inside, k - u, k)
+            grad_step = per_element.sum_to_size(step.shape).to(step.dtype)
+        return grad_x, grad_step, None
+
+
+def ste_quantise(x: torch.Tensor, step: torch.Tensor, max_count: int) -> torch.Tensor:
+    return STEQuantise.apply(x, step, max_count)
+
+
+def trainable_neuron(module: nn.Module) -> bool:
+    """A neuron whose calibrated step is worth tuning.
+
+    Excluded: `DynamicNeuron` (its step is re-derived from every input) and the
+    SNNSoftmax neuron (its clip is exactly 1, the row maximum of the
+    exponentials, by construction).
+    """
+    return isinstance(module, SignedNeuron) and not isinstance(module, DynamicNeuron)
+
+
+def neurons(model: nn.Module) -> list[tuple[str, SignedNeuron]]:
+    """Every (name, SignedNeuron) of the model, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SignedNeuron)]
+
+
+def calibrated_neurons(model: nn.Module) -> list[tuple[str, SignedNeuron]]:
+    """The neurons whose thresholds fine-tuning may change (see `trainable_neuron`)."""
+    softmax = {id(m.neuron) for m in model.modules() if isinstance(m, SNNSoftmax)}
+    return [(name, m) for name, m in neurons(model) if trainable_neuron(m) and id(m) not in softmax]
+
+
+@dataclass
+class DifferentiableNeurons:
+    """What `differentiable_neurons` yields: the log-step parameters, by neuron name."""
+
+    log_steps: dict[str, nn.Parameter]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.log_steps.values())
+
+    def steps(self) -> dict[str, torch.Tensor]:
+        """Current Δ of every trained neuron (detached)."""
+        return {name: p.detach().exp() for name, p in self.log_steps.items()}
+
+
+def _differentiable_forward(neuron: SignedNeuron, log_step: nn.Parameter | None):
+    def forward(x: torch.Tensor):
+        if neuron.simulation == "ann":
+            return x
+        if log_step is None:
+            step = neuron.current_step(x).detach()
+        else:
+            step = log_step.clamp_min(MIN_LOG_STEP).exp().to(x.device)
+        if neuron.simulation == "fast":
+            return ste_quantise(x, step, neuron.code.max_count)
+        return neuron.fire(x, step.detach())  # "step": the real spikes, at the current thresholds
+
+    return forward
+
+
+@contextlib.contextmanager
+def differentiable_neurons(model: nn.Module, train_steps: bool = True):
+    """Make every SignedNeuron of `model` differentiable (STE) and, if `train_steps`, its Δ learnable.
+
+    Yields a `DifferentiableNeurons`; its ``log_steps`` (one float32 parameter
+    per calibrated neuron, shaped like its ``step`` buffer) go to the optimizer.
+    On exit — also on an exception — each neuron's ``step`` buffer receives
+    exp(log_step) and its class ``forward`` is restored.
+    """
+    trainable = {id(m) for _, m in calibrated_neurons(model)} if train_steps else set()
+    log_steps: dict[str, nn.Parameter] = {}
+    patched = []
+    try:
+        for name, neuron in neurons(model):
+            param = None
+            if id(neuron) in trainable:
+                param = nn.Parameter(neuron.step.detach().float().clamp_min(1e-30).log())
+                log_steps[name] = param
+            neuron.forward = _differentiable_forward(neuron, param)
+            patched.append((neuron, param))
+        yield DifferentiableNeurons(log_steps)
+    finally:
+        with torch.no_grad():
+            for neuron, param in patched:
+                if param is not None:
+                    neuron.step.copy_(param.detach().clamp_min(MIN_LOG_STEP).exp().to(neuron.step))
+                neuron.__dict__.pop("forward", None)

@@ -1,0 +1,224 @@
+"""Plasticity fine-tuning: the STE/LSQ maths, the STDP window and traces, and on the embedded model that
+distill shrinks the held-out gap to the ANN, stdp does not grow it, a run resumes from its checkpoint,
+and `ann2snn finetune` writes an export that loads."""
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ann2snn
+from ann2snn.calibration.data import bundled_text, read_texts, token_windows
+from ann2snn.cli import main
+from ann2snn.coding import SpikeCode
+from ann2snn.errors import ConfigError
+from ann2snn.evaluate import compare, logits_over, perplexity as ppl
+from ann2snn.finetune import finetune
+from ann2snn.finetune import distill as distill_module
+from ann2snn.finetune.ste import calibrated_neurons, differentiable_neurons, ste_quantise
+from ann2snn.finetune.stdp import STDPRule, stdp_window
+from ann2snn.models import embedded_model_path
+from ann2snn.modules.neuron import SignedNeuron
+
+pytestmark = pytest.mark.skipif(not (embedded_model_path() / "model.safetensors").is_file(),
+                                reason="the embedded qwen2-tiny model is not built")
+
+SEQ = 64
+TRAIN = [bundled_text("train.txt").read_text()[:60000]]  # fine-tuning text: Austen, as the model's training text
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, two threads that wait for each other cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """qwen2-tiny at phase coding, T=3 — where conversion alone leaves a clear perplexity gap.
+
+    Calibrated on a slice of the training text with max thresholds, to keep the test fast.
+    """
+    torch.manual_seed(0)
+    ann, tokenizer = ann2snn.load_ann("qwen2-tiny")
+    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
+    calib.write_text(TRAIN[0])
+    snn = ann2snn.convert(ann, tokenizer, coding="phase", timesteps=3, threshold="max", calib_data=calib,
+                          calib_samples=8, seq_len=SEQ, progress=False)
+    held_out = token_windows(tokenizer, read_texts(bundled_text("heldout.txt")), SEQ, max_tokens=2048)
+    return snn, tokenizer, held_out, compare(snn, held_out)
+
+
+def _snn_perplexity(model, windows, simulation="fast"):
+    perplexity = ppl(logits_over(model, windows, simulation), windows)
+    ann2snn.set_simulation(model, "fast")
+    return perplexity
+
+
+def _copy(snn):
+    model = copy.deepcopy(snn)
+    model.ann2snn = snn.ann2snn
+    return model
+
+
+# --- the maths, on tensors ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", [SpikeCode("phase", 3), SpikeCode("rate", 8)], ids=lambda c: f"{c.name}{c.timesteps}")
+def test_ste_forward_is_the_quantiser_and_backward_is_lsq(code):
+    torch.manual_seed(0)
+    L = code.max_count
+    x = (torch.randn(5, 7, 6) * 3).double().requires_grad_(True)
+    step = (torch.rand(6) * 0.3 + 0.2).double().requires_grad_(True)
+    out = ste_quantise(x, step, L)
+    assert torch.equal(out.detach(), code.quantise(x.detach(), step.detach()))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    u = (x / step).detach()
+    inside = (u.abs() <= L)
+    k = code.quantise_counts(x.detach(), step.detach())
+    assert torch.equal(x.grad, grad * inside)  # identity inside the clip, zero outside
+    assert torch.allclose(step.grad, (grad * torch.where(inside, k - u, k)).sum((0, 1)))  # LSQ
+
+
+def test_differentiable_neurons_train_log_steps_and_write_them_back(converted):
+    snn, tokenizer, held_out, _ = converted
+    model = _copy(snn)
+    neurons = dict(calibrated_neurons(model))
+    before = {name: n.step.clone() for name, n in neurons.items()}
+    with differentiable_neurons(model) as trained:
+        assert set(trained.log_steps) == set(neurons)
+        ann2snn.set_simulation(model, "fast")
+        model(input_ids=held_out[:1]).logits.square().mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained.parameters())
+        assert sum(float(p.grad.abs().sum()) for p in trained.parameters()) > 0
+        with torch.no_grad():
+            for p in trained.parameters():
+                p.add_(0.1)
+    for name, neuron in neurons.items():
+        assert "forward" not in neuron.__dict__  # the class forward is back
+        assert torch.allclose(neuron.step, before[name] * torch.exp(torch.tensor(0.1)), rtol=1e-5)
+
+
+def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
+    code = SpikeCode("phase", 3)
+    own, nxt = stdp_window(code, a_plus=1.0, a_minus=0.5, tau_plus=2.0, tau_minus=2.0)
+    assert (own > 0).all()  # within a token, pre always fires a window before post: causal
+    post, pre = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
+    assert (nxt[post == pre] == 0).all() and (nxt[post > pre] > 0).all() and (nxt[post < pre] < 0).all()
+    assert torch.isclose(own[0, 2], torch.exp(torch.tensor(-1 / 2)))  # Δt = T + 0 − 2 = 1
+    # with a flat causal window and one token per sequence (no next-token pairs), Ê ∝ Σ_p e_p x̂_pᵀ (normalised LMS)
+    rule = STDPRule.__new__(STDPRule)
+    rule.a_plus, rule.a_minus, rule.tau_plus, rule.tau_minus, rule._windows = 1.0, 0.0, 1e12, 1e12, {}
+    torch.manual_seed(0)
+    x = torch.randn(10, 1, 6)
+    neuron = SignedNeuron(code, 6, torch.full((6,), 0.2))
+    pre = neuron.fire(x, neuron.step)
+    error = torch.randn(10, 1, 4) * 0.01
+    trace = rule.eligibility(pre, error, code)
+    x_hat = pre.accumulate()
+    e_hat = code.quantise(error, (error.abs().reshape(-1, 4).amax(0) / code.max_count))
+    expected = e_hat.reshape(-1, 4).t() @ x_hat.reshape(-1, 6) / (10 * x_hat.pow(2).sum(-1).mean())
+    assert torch.allclose(trace, expected, rtol=1e-4, atol=1e-9)
+
+
+# --- on the embedded model --------------------------------------------------------------------------
+
+def test_distill_shrinks_the_held_out_gap(converted):
+    snn, tokenizer, held_out, before = converted
+    model = _copy(snn)
+    figures = finetune(model, tokenizer, TRAIN, rule="distill", steps=30, lr=0.02, seq_len=SEQ, progress=False)
+    after = _snn_perplexity(model, held_out)
+    gap_before = before["ppl_snn"] - before["ppl_ann"]
+    gap_after = after - before["ppl_ann"]
+    assert gap_before > 0.05 * before["ppl_ann"]  # the setting leaves a real gap
+    assert gap_after < 0.9 * gap_before, (before, after)
+    assert figures["kl_after"] < figures["kl_before"] and figures["thresholds_changed"] > 0
+    assert figures["mean_abs_dw"] == 0  # thresholds only: the weights are the ANN's
+    # still an exact SNN: the step-by-step simulation gives what fast simulation gives
+    fast = _snn_perplexity(model, held_out[:1])
+    assert abs(_snn_perplexity(model, held_out[:1], "step") - fast) < 1e-3 * fast
+
+
+def test_stdp_does_not_grow_the_held_out_gap(converted):
+    snn, tokenizer, held_out, before = converted
+    model = _copy(snn)
+    figures = finetune(model, tokenizer, TRAIN, rule="stdp", steps=16, seq_len=SEQ, progress=False)  # 2 updates of 8 batches
+    after = _snn_perplexity(model, held_out)
+    assert after - before["ppl_ann"] <= before["ppl_snn"] - before["ppl_ann"], (before, after)
+    assert figures["kl_after"] <= figures["kl_before"]
+    assert figures["updates_kept"] + figures["updates_undone"] == 2
+    if figures["updates_kept"]:
+        assert figures["mean_abs_dw"] > 0
+    for key in ("mean_abs_dw", "thresholds_changed", "ppl_snn_before", "ppl_snn_after", "kl_before", "kl_after"):
+        assert key in figures
+
+
+def test_resume_continues_from_the_checkpoint(converted, tmp_path, monkeypatch):
+    snn, tokenizer, _, _ = converted
+    options = dict(rule="distill", steps=4, seq_len=32, batch_size=2, checkpoint_every=2, progress=False,
+                   train_weights=True)
+    straight = _copy(snn)
+    finetune(straight, tokenizer, TRAIN, **options)
+
+    calls = {"n": 0}
+    real_step = distill_module.DistillRule.step
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module.DistillRule, "step", interrupted)
+    first = _copy(snn)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(first, tokenizer, TRAIN, checkpoint_dir=tmp_path, **options)
+    monkeypatch.setattr(distill_module.DistillRule, "step", real_step)
+
+    resumed = _copy(snn)
+    figures = finetune(resumed, tokenizer, TRAIN, checkpoint_dir=tmp_path, resume=True, **options)
+    assert figures["resumed_from_step"] == 2
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+    with pytest.raises(Exception, match="other settings"):
+        finetune(_copy(snn), tokenizer, TRAIN, checkpoint_dir=tmp_path, resume=True, **{**options, "lr": 0.5})
+
+
+def test_bad_options_are_config_errors(converted):
+    snn, tokenizer, _, _ = converted
+    with pytest.raises(ConfigError, match="rule"):
+        finetune(snn, tokenizer, TRAIN, rule="hebb", steps=1)
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
+        finetune(snn, tokenizer, TRAIN, steps=1, resume=True)
+    with pytest.raises(ConfigError, match="steps"):
+        finetune(snn, tokenizer, TRAIN, steps=0)
+
+
+def test_cli_finetune_writes_a_loadable_export(converted, tmp_path):
+    snn, tokenizer, _, _ = converted
+    source = ann2snn.save(_copy(snn), tmp_path / "snn", tokenizer)
+    data = tmp_path / "text.txt"
+    data.write_text(TRAIN[0][:20000])
+    out = tmp_path / "tuned"
+    result = CliRunner().invoke(main, ["finetune", str(source), "--data", str(data), "--out", str(out), "--steps", "3",
+                                       "--seq-len", "32", "--batch-size", "2", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["rule"] == "distill" and figures["steps"] == 3
+    model = ann2snn.load(out)
+    assert model.ann2snn["finetune"]["rule"] == "distill"
+    assert (out / "calibration.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no checkpoint or partial folder left
+    original = dict(calibrated_neurons(ann2snn.load(source)))
+    changed = any(not torch.equal(n.step, original[name].step) for name, n in calibrated_neurons(model))
+    assert changed != figures["reverted"]  # the tuned thresholds were exported (unless the run undid itself)
+
+    again = CliRunner().invoke(main, ["finetune", str(source), "--data", str(data), "--out", str(out)])
+    assert again.exit_code == 2 and again.output.startswith("error: ") and len(again.output.strip().splitlines()) == 1
+    missing = CliRunner().invoke(main, ["finetune", str(source), "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and missing.output.startswith("error: ")
