@@ -11,6 +11,7 @@ import json
 import click
 
 from .cli_support import clean_errors, positive
+from .finetune.core import RULES as FINETUNE_RULES
 
 
 def _calibration_fingerprint(folder, calib_data, samples, seq_len, seed, transforms) -> str:
@@ -54,22 +55,35 @@ def main():
 @click.option("--calib-stats", type=click.Path(), default=None, help="Reuse calibration.safetensors from an earlier convert.")
 @click.option("--timesteps", "-T", type=int, default=None, callback=positive, help="Time steps per spike window (recipe default: 8).")
 @click.option("--coding", type=click.Choice(["rate", "phase"]), default=None, help="Spike coding (recipe default: phase).")
-@click.option("--threshold", type=click.Choice(["max", "percentile", "mse"]), default=None, help="Threshold rule (recipe default: mse).")
+@click.option("--threshold", type=click.Choice(["max", "percentile", "mse"]), default=None,
+              help="Threshold rule (recipe default by levels: mse below phase T=8, max from there).")
+@click.option("--headroom", type=float, default=None,
+              help="Clip = headroom × the rule's clip, a margin for values calibration missed (recipe default by levels: 1, 2, 4).")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
-              help="Outlier handling before calibration: none, rotate, smooth or rotate,smooth (recipe default).")
+              help="Outlier handling: none (recipe default), any of rotate,smooth,sink, or auto (sink where the model has one).")
 @click.option("--recipe", default="qwen2", show_default=True, help="Conversion recipe: qwen2 or braintransformers (baseline).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with the checkpoint to run (off by default).")
+@click.option("--finetune", "finetune", is_flag=True, help="Fine-tune the SNN after conversion, before export (see `ann2snn finetune`).")
+@click.option("--finetune-data", type=click.Path(), default=None, help="Text to fine-tune on (default: the calibration text).")
+@click.option("--finetune-steps", type=int, default=None, callback=positive, help="Fine-tuning batches (default 200).")
+@click.option("--finetune-rule", type=click.Choice(FINETUNE_RULES), default=None, help="distill (default) or stdp.")
 @clean_errors
-def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, outliers, recipe,
-            dtype, seed, overwrite, trust_remote_code):
+def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, outliers, recipe,
+            dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
 
     MODEL is a local checkpoint folder, a hub id (Qwen/Qwen2.5-3B), a short name
     (Qwen2.5-3B) or the embedded 'qwen2-tiny'.
+
+    With --finetune the SNN is fine-tuned (`ann2snn finetune`'s rule, on
+    --finetune-data, windows of --seq-len tokens, --seed) between conversion and
+    export; its checkpoint is kept beside --out until the export is written, so
+    an interrupted run resumes there when rerun with the same options.
     """
+    import shutil
     from pathlib import Path
 
     from . import convert as convert_model, load_ann, save
@@ -84,10 +98,20 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    options = dict(timesteps=timesteps, coding=coding, threshold=threshold, outliers=outliers)
+    options = dict(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers)
     get_recipe(recipe).with_options(**options)
     if calib_stats is None:
         read_texts(calib_data)
+    given = [name for name, value in (("--finetune-data", finetune_data), ("--finetune-steps", finetune_steps),
+                                      ("--finetune-rule", finetune_rule)) if value is not None]
+    if given and not finetune:
+        raise ConfigError(f"{', '.join(given)} only apply with --finetune; add --finetune or drop them")
+    if finetune:
+        if recipe == "braintransformers":
+            raise ConfigError("--finetune needs the qwen2 recipe (the braintransformers baseline has no calibrated thresholds)")
+        finetune_texts = read_texts(finetune_data if finetune_data is not None else calib_data)
+        finetune_rule = finetune_rule or "distill"
+        finetune_steps = finetune_steps or 200
     folder = resolve_model(model)
     ann, tokenizer = load_ann(str(folder), parse_dtype(dtype), trust_remote_code)
     main_process = _init_distributed()  # under torchrun: calibrate on every process, export from the first
@@ -116,11 +140,34 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
             partial.unlink(missing_ok=True)
     snn = convert_model(ann, tokenizer, recipe=recipe, statistics=statistics, calibration_info=info,
                         calib_stats=calib_stats, seed=seed, **options)
+    checkpoints = out.parent / f".{out.name}.finetune"
+    if finetune:
+        from .finetune import finetune as finetune_model, gap_reduction
+
+        if (checkpoints / "finetune-checkpoint.pt").is_file():
+            click.echo(f"resuming the fine-tune from the checkpoint in {checkpoints}", err=True)
+        try:
+            figures = finetune_model(snn, tokenizer, finetune_texts, rule=finetune_rule, steps=finetune_steps, seed=seed,
+                                     seq_len=seq_len, checkpoint_dir=checkpoints, resume=True)
+        except KeyboardInterrupt:
+            if (checkpoints / "finetune-checkpoint.pt").is_file():
+                click.echo(f"the checkpoint in {checkpoints} keeps the fine-tuning progress: rerun the same command to resume",
+                           err=True)
+            raise
+        snn.ann2snn["finetune"]["data"] = str(finetune_data or calib_data or "bundled")
     save(snn, out, tokenizer, overwrite=overwrite)
     resume.unlink(missing_ok=True)
+    if finetune:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     summary = snn.ann2snn["recipe"]
     click.echo(f"converted {model} → {out} (recipe {summary['name']}, {summary['coding']} coding, T={summary['timesteps']}, "
-               f"{summary['levels']} levels, thresholds: {summary['threshold']})")
+               f"{summary['levels']} levels, thresholds: {summary['threshold']} ×{summary['headroom']:g}, "
+               f"outliers: {','.join(summary['outliers']) or 'none'})")
+    if finetune:
+        click.echo(f"fine-tuned ({finetune_rule}, {finetune_steps} steps): held-out perplexity ANN {figures['ppl_ann']:.3f}  "
+                   f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
+                   f"(gap closed {gap_reduction(figures):.1f}%)"
+                   + ("; it made the held-out loss worse, so it was undone" if figures["reverted"] else ""))
 
 
 @main.command()

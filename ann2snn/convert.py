@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .attention_sink import attached, compute_sinks, resolve_outliers
 from .calibration.calibrate import collect_statistics, load_statistics
 from .calibration.data import read_texts, token_windows
 from .recipes import check_supported, get_recipe
@@ -22,18 +23,20 @@ from .transforms import rotate, smooth
 
 
 def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps: int | None = None,
-            coding: str | None = None, threshold: str | None = None, outliers: tuple[str, ...] | None = None, calib_data: str | Path | None = None,
+            coding: str | None = None, threshold: str | None = None, headroom: float | None = None,
+            outliers: tuple[str, ...] | None = None, calib_data: str | Path | None = None,
             calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
             statistics: dict | None = None, calibration_info: dict | None = None, seed: int = 0, progress: bool = True):
     """Convert a transformers causal LM (Qwen2 / Llama / Mistral) into an SNN, in place; returns it.
 
     Calibration runs the ANN over `calib_samples` windows of `seq_len` tokens of
     `calib_data` (default: the bundled English text) unless statistics are given
-    (`statistics`, or a saved `calib_stats` file). `timesteps`, `coding` and
-    `threshold` and `outliers` (a tuple of "rotate", "smooth") override the recipe's defaults.
+    (`statistics`, or a saved `calib_stats` file). `timesteps`, `coding`,
+    `threshold`, `headroom` and `outliers` (a tuple of "rotate", "smooth",
+    "sink", or ("auto",)) override the recipe's defaults.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, outliers=outliers)
+    recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers)
     check_supported(recipe, getattr(model.config, "model_type", None))
     torch.manual_seed(seed)
     calibration = dict(calibration_info or {"seed": seed})
@@ -44,11 +47,16 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
         if tokenizer is None:
             raise ValueError("convert needs the tokenizer to calibrate (or statistics / calib_stats)")
         statistics, calibration = calibrate(model, tokenizer, recipe, calib_data, calib_samples, seq_len, seed, progress)
+    if recipe.outliers == ("auto",):  # decided by the calibration pass (attention_sink.resolve_outliers)
+        recipe = recipe.with_options(outliers=tuple(calibration.get("transforms", ())))
     _replay_transforms(model, recipe, statistics, calibration.get("seed", seed))
     missing = _missing_sites(model, recipe, statistics)
     if missing:
         raise CheckpointError(f"the calibration statistics lack {len(missing)} site(s) this model needs (e.g. {missing[0]}); recalibrate without --calib-stats")
-    apply_recipe(model, recipe, statistics)
+    if ("sink" in recipe.outliers) != ("sink" in calibration.get("transforms", recipe.outliers)):
+        raise CheckpointError("these calibration statistics were gathered with a different 'sink' setting; recalibrate (drop --calib-stats) or match --outliers")
+    sinks = compute_sinks(model) if "sink" in recipe.outliers else None  # from the final (transformed) weights
+    apply_recipe(model, recipe, statistics, sinks)
     model.ann2snn = {
         "recipe": recipe.summary(),
         "float_operations": list(recipe.float_operations),
@@ -64,20 +72,29 @@ def calibrate(model, tokenizer, recipe: str | Recipe = "qwen2", calib_data: str 
     """Run the ANN over the calibration text; returns (statistics, a summary for snn_config.json)."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
+    outliers, sink_note = resolve_outliers(model, recipe.outliers, windows[0])
+    recipe = recipe.with_options(outliers=outliers)
     if "rotate" in recipe.outliers and "rotate" not in _applied(model):
         rotate(model, seed)
         _applied(model).append("rotate")
-    statistics = collect_statistics(model, recipe, windows, seed=seed, progress=progress)
+    statistics = _collect(model, recipe, windows, seed, progress)
     if "smooth" in recipe.outliers and "smooth" not in _applied(model):
         smooth(model, statistics)
         _applied(model).append("smooth")
         before = {site: stats["absmax"] for site, stats in statistics.items()}
-        statistics = collect_statistics(model, recipe, windows, seed=seed, progress=progress)
+        statistics = _collect(model, recipe, windows, seed, progress)
         for site, absmax in before.items():  # kept so that reused statistics can replay the same smoothing
             statistics[site]["absmax_before_smoothing"] = absmax
     info = {"seed": seed, "source": str(calib_data) if calib_data else "bundled", "samples": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]), "tokens": int(windows.numel()), "transforms": list(recipe.outliers)}
+            "seq_len": int(windows.shape[1]), "tokens": int(windows.numel()), "transforms": list(recipe.outliers), **sink_note}
     return statistics, info
+
+
+def _collect(model, recipe: Recipe, windows: torch.Tensor, seed: int, progress: bool) -> dict:
+    """Statistics of the current weights, with the attention sink attached when the recipe uses one."""
+    sinks = compute_sinks(model) if "sink" in recipe.outliers else None
+    with attached(model, sinks):
+        return collect_statistics(model, recipe, windows, seed=seed, progress=progress)
 
 
 def _applied(model) -> list[str]:

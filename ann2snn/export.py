@@ -164,7 +164,7 @@ def load(folder: str | Path, dtype: torch.dtype | None = None):
     options = config["recipe"]
     recipe = get_recipe(options.get("name")).with_options(
         coding=options.get("coding"), timesteps=options.get("timesteps"), threshold=options.get("threshold"),
-        outliers=tuple(options.get("outliers") or ()))
+        headroom=options.get("headroom"), outliers=tuple(options.get("outliers") or ()))
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or getattr(model_config, "dtype", None) or torch.float32)
     apply_recipe(model, recipe, statistics=None)

@@ -40,7 +40,7 @@ def _positive(ctx, param, value):
 @click.option("--rule", type=click.Choice(RULES), default="distill", show_default=True,
               help="distill: gradient (STE) on thresholds towards the ANN; stdp: reward-modulated STDP on weights.")
 @click.option("--steps", type=int, default=200, show_default=True, callback=_positive, help="Training batches.")
-@click.option("--lr", type=float, default=None, help="distill: Adam rate on log-thresholds (default 1e-2); stdp: rate η (default 8).")
+@click.option("--lr", type=float, default=None, help="distill: Adam rate on log-thresholds (default 3e-2, cosine schedule); stdp: rate η (default 8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True, callback=_positive, help="Windows per batch.")
 @click.option("--seq-len", type=int, default=128, show_default=True, callback=_positive, help="Tokens per window.")

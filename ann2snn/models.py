@@ -114,9 +114,15 @@ def check_weight_files(folder: Path) -> None:
         raise CheckpointError(f"{folder} has no model.safetensors (ann2snn loads weights from safetensors only); convert .bin weights to safetensors first")
 
 
+FINITE_CHUNK = 1 << 24  # elements checked at a time: isfinite's temporaries stay small beside a large embedding
+
+
 def check_finite(model: torch.nn.Module) -> None:
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().reshape(-1)  # a view for the (contiguous) weights of a checkpoint
+        if not all(torch.isfinite(chunk).all() for chunk in flat.split(FINITE_CHUNK)):
             raise NumericalError(f"weight {name} holds NaN or Inf; the checkpoint is damaged")
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention_sink import sink_token_ids
 from .calibration.thresholds import choose_clip
 from .coding import SpikeCode
 from .modules.attention import ATTENTION_NAME, SpikingAttention
@@ -33,12 +34,13 @@ class BuildContext:
     code: SpikeCode
     config: object  # the model's transformers config
     statistics: dict[str, dict[str, torch.Tensor]] | None
+    sinks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # attention module name → sink (key, value)
 
     def step(self, site: str, rule: Rule) -> torch.Tensor | None:
         if self.statistics is None:
             return None
-        clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.threshold, self.code)
-        return self.code.step_size(clip)
+        clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.chosen_threshold, self.code)
+        return self.code.step_size(clip * self.recipe.chosen_headroom)
 
 
 class Replacement:
@@ -95,9 +97,11 @@ class SpikingAttentionReplacement(Replacement):
     def build(self, name, module, rule, ctx):
         config = ctx.config
         head_dim = module.head_dim
+        sink_tokens = len(sink_token_ids(config)) if "sink" in ctx.recipe.outliers else 0
         module.snn = SpikingAttention(
             ctx.code, config.num_attention_heads, config.num_key_value_heads, head_dim,
             ctx.step(f"{name}.q", rule), ctx.step(f"{name}.k", rule), ctx.step(f"{name}.v", rule),
+            sink=(ctx.sinks or {}).get(name), sink_tokens=sink_tokens,
         )
         return module
 
@@ -136,9 +140,14 @@ def matches(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, Rule
     return found
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None) -> nn.Module:
-    """Swap in the recipe's SNN modules, in place; returns the model."""
-    ctx = BuildContext(recipe, recipe.code, model.config, statistics)
+def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sinks: dict | None = None) -> nn.Module:
+    """Swap in the recipe's SNN modules, in place; returns the model.
+
+    `sinks` (from `attention_sink.compute_sinks`) fills the attention sink's
+    constants; without them (loading an export) they are placeholders that the
+    export's weights overwrite.
+    """
+    ctx = BuildContext(recipe, recipe.code, model.config, statistics, sinks)
     found = matches(model, recipe)
     if not found:
         raise RuntimeError(f"recipe {recipe.name!r} matched no module of {type(model).__name__}")

@@ -538,6 +538,8 @@ def ann_from_export(folder: str | Path):
     for key, value in _read_weights(folder, config).items():
         if ".synapse." in key:
             state[key.replace(".synapse.", ".")] = value
+        elif ".snn.sink_" in key:  # the attention sink's constants: recomputed from the ANN when rebuilt
+            continue
         elif not (key.endswith(".step") and (".neuron." in key or ".snn." in key or "_neuron." in key)):
             state[key] = value
     missing, unexpected = model.load_state_dict(state, strict=False)

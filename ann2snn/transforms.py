@@ -27,6 +27,7 @@ from torch import nn
 from .errors import ConfigError
 
 TRANSFORMS = ("rotate", "smooth")
+OUTLIER_OPTIONS = TRANSFORMS + ("sink",)  # "sink" is no weight rewrite: see ann2snn.attention_sink
 
 
 def _layers(model):
@@ -141,8 +142,11 @@ def smooth(model, statistics: dict, alpha: float = 0.5) -> None:
 
 
 def check_transforms(names) -> tuple[str, ...]:
+    """Validate an outlier-handling list: TRANSFORMS and "sink", or "auto" alone."""
     names = tuple(names or ())
-    unknown = [n for n in names if n not in TRANSFORMS]
+    if "auto" in names and names != ("auto",):
+        raise ConfigError("outlier option 'auto' (attention sink where the model needs one) stands alone; list the options instead")
+    unknown = [n for n in names if n not in OUTLIER_OPTIONS + ("auto",)]
     if unknown:
-        raise ConfigError(f"unknown outlier transform(s) {', '.join(unknown)}; choose from {', '.join(TRANSFORMS)}")
+        raise ConfigError(f"unknown outlier option(s) {', '.join(unknown)}; choose from auto, none, {', '.join(OUTLIER_OPTIONS)}")
     return names

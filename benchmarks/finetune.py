@@ -2,17 +2,28 @@
 
     python benchmarks/finetune.py [CHECKPOINT] [--coding phase] [-T 3] [--steps 200]
         [--rules distill,distill+weights,stdp] [--train-chars 300000] [--max-eval-tokens 8192]
-        [--seq-len 128] [--threads 1] [--json OUT.json]
+        [--seq-len 128] [--train-seq-len N] [--batch-size 4] [--lr LR] [--calib-samples 32]
+        [--texts heldout.txt,unseen.txt] [--threads 1] [--json OUT.json]
 
-CHECKPOINT defaults to the embedded "qwen2-tiny". The model is converted once
-(the library defaults: qwen2 recipe, MSE thresholds, calibration on the bundled
-training text) at a small T where conversion alone leaves a clear gap (phase
-coding, T = 3), then each rule fine-tunes its own copy of that SNN on the first
---train-chars characters of the bundled training text (Jane Austen; the
-model's own training text). Figures are measured on text no stage ever saw:
-``heldout.txt`` (the end of *Persuasion*, kept out of the model's training) and
-``unseen.txt`` (Melville), in non-overlapping windows of --seq-len tokens, at
-most --max-eval-tokens tokens each.
+CHECKPOINT defaults to the embedded "qwen2-tiny"; any checkpoint that
+``ann2snn.load_ann`` takes works, e.g. a local Hugging Face folder such as the
+real pretrained model that ``benchmarks/real_model.py`` builds:
+
+    python benchmarks/finetune.py ~/.cache/ann2snn/real_model/SmolLM2-135M-Instruct -T 6 --calib-samples 8 \
+        --rules distill,distill+weights --steps 60 --batch-size 2 --train-seq-len 64 --max-eval-tokens 2048
+
+(the README's figures; about 19 minutes on 2 shared CPU cores).
+
+The model is converted once (the library defaults: qwen2 recipe, MSE
+thresholds, --calib-samples windows of --seq-len tokens of the bundled training
+text) at a small T where conversion alone leaves a clear gap (phase coding,
+T = 3 for the embedded model), then each rule fine-tunes its own copy of that
+SNN on the first --train-chars characters of the bundled training text (Jane
+Austen; the embedded model's own training text) in windows of --train-seq-len
+tokens (default --seq-len). Figures are measured on text no stage ever saw:
+``heldout.txt`` (the end of *Persuasion*, kept out of the model's training and
+out of train.txt) and ``unseen.txt`` (Melville), in non-overlapping windows of
+--seq-len tokens, at most --max-eval-tokens tokens each.
 
 Per rule and text:
 - ANN ppl: the converted model with spiking off, before fine-tuning (the teacher);
@@ -67,7 +78,11 @@ def main() -> None:
     parser.add_argument("--max-eval-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-seq-len", type=int, default=None, help="tokens per fine-tuning window (default --seq-len)")
+    parser.add_argument("--lr", type=float, default=None, help="the rules' rate (default: each rule's own)")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--texts", default="heldout.txt,unseen.txt", help="bundled texts to measure on")
+    parser.add_argument("--seed", type=int, default=0, help="the fine-tune's seed (batch order); the conversion is fixed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -79,25 +94,29 @@ def main() -> None:
 
     started = time.monotonic()
     ann, tokenizer = ann2snn.load_ann(args.checkpoint)
-    snn = ann2snn.convert(ann, tokenizer, coding=args.coding, timesteps=args.timesteps, progress=False)
+    snn = ann2snn.convert(ann, tokenizer, coding=args.coding, timesteps=args.timesteps, calib_samples=args.calib_samples,
+                          seq_len=args.seq_len, progress=False)  # --seed is the fine-tune's: one conversion
     train = [bundled_text("train.txt").read_text(encoding="utf-8")[: args.train_chars]]
     texts = {name: token_windows(tokenizer, read_texts(bundled_text(name)), args.seq_len, max_tokens=args.max_eval_tokens)
-             for name in ("heldout.txt", "unseen.txt")}
+             for name in args.texts.split(",")}
     base = {name: {"ann": ppl(snn, w, "ann"), "snn": ppl(snn, w, "fast"), "tokens": int(w[:, 1:].numel())}
             for name, w in texts.items()}
-    print(f"# {args.checkpoint}: {args.coding} coding, T={args.timesteps}; fine-tune: {args.steps} steps x "
-          f"{args.batch_size} x {args.seq_len} tokens of train.txt[:{args.train_chars}]; converted in "
-          f"{time.monotonic() - started:.0f} s, torch {torch.__version__}, {args.threads} thread(s)\n")
+    train_seq_len = args.train_seq_len or args.seq_len
+    print(f"# {args.checkpoint}: {args.coding} coding, T={args.timesteps}, {args.calib_samples} x {args.seq_len} "
+          f"calibration tokens; fine-tune: {args.steps} steps x {args.batch_size} x {train_seq_len} tokens of "
+          f"train.txt[:{args.train_chars}]; converted and measured in {time.monotonic() - started:.0f} s, "
+          f"torch {torch.__version__}, {args.threads} thread(s)\n", flush=True)
 
     results = []
     for label in rules:
         model = copy.deepcopy(snn)
         model.ann2snn = dict(snn.ann2snn)
-        figures = finetune(model, tokenizer, train, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                           seq_len=args.seq_len, progress=False, **RULES[label])
+        figures = finetune(model, tokenizer, train, steps=args.steps, lr=args.lr, seed=args.seed,
+                           batch_size=args.batch_size, seq_len=train_seq_len, progress=False, **RULES[label])
         for name, windows in texts.items():
             after = ppl(model, windows, "fast")
-            ann_after = ppl(model, windows, "ann")
+            # the float network changes only where the weights did
+            ann_after = ppl(model, windows, "ann") if figures["mean_abs_dw"] else base[name]["ann"]
             gap_before = base[name]["snn"] - base[name]["ann"]
             gap_after = after - base[name]["ann"]
             results.append({"rule": label, "text": name, "tokens": base[name]["tokens"], "ppl_ann": base[name]["ann"],

@@ -1,6 +1,12 @@
 """Does `ann2snn convert` scale to a 3B model? Wall time and peak memory on a Qwen2.5-3B-shaped checkpoint.
 
     python benchmarks/scale.py [--work DIR] [--calib-samples 8] [--seq-len 128] [--skip-ann] [--skip-convert]
+                               [--layers 36]
+
+``--layers N`` builds (and caches separately) the same configuration with N
+decoder layers instead of 36: a quicker check of memory changes, not the
+benchmark (the embedding and the process's fixed memory weigh more in a
+shallower model's ratio).
 
 1. Builds once (cached in ``--work``) a *randomly initialised* checkpoint with the
    Qwen2.5-3B configuration (hidden 2048, 36 layers, 16 heads, 2 key/value
@@ -243,11 +249,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="ANN forward batch (convert calibrates with batch 4)")
     parser.add_argument("--skip-ann", action="store_true")
     parser.add_argument("--skip-convert", action="store_true")
+    parser.add_argument("--layers", type=int, default=QWEN25_3B["num_hidden_layers"],
+                        help="decoder layers of the random checkpoint (36 = Qwen2.5-3B; fewer for a quick check)")
     parser.add_argument("--keep-export", action="store_true", help="keep the converted export (else deleted to free disk)")
     parser.add_argument("--_worker", choices=["build", "ann"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    ckpt = args.work / "qwen2.5-3b-random"
+    if args.layers != QWEN25_3B["num_hidden_layers"]:
+        QWEN25_3B.update(num_hidden_layers=args.layers, max_window_layers=args.layers)
+    ckpt = args.work / ("qwen2.5-3b-random" if args.layers == 36 else f"qwen2.5-3b-random-{args.layers}layers")
     if args._worker == "build":
         return worker_build(ckpt)
     if args._worker == "ann":
@@ -256,7 +266,7 @@ def main() -> None:
     import torch
 
     args.work.mkdir(parents=True, exist_ok=True)
-    me = [sys.executable, str(Path(__file__).resolve()), "--work", str(args.work)]
+    me = [sys.executable, str(Path(__file__).resolve()), "--work", str(args.work), "--layers", str(args.layers)]
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}, {torch.backends.cpu.get_cpu_capability()}", flush=True)
     if not (ckpt / "BUILD.json").is_file():

@@ -62,7 +62,7 @@ def _write(path, data: bytes):
 
 @pytest.mark.parametrize("case", ["missing_folder", "empty_calib", "binary_calib", "latin1_calib", "jsonl_without_text",
                                   "zero_timesteps", "negative_timesteps", "unsupported_arch", "bad_config_json",
-                                  "missing_weights", "truncated_weights", "out_exists"])
+                                  "missing_weights", "truncated_weights", "out_exists", "small_headroom", "auto_with_others"])
 def test_bad_input_gives_one_line_error_and_writes_nothing(case, qwen2_checkpoint, tmp_path):
     import shutil
 
@@ -81,6 +81,10 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(case, qwen2_checkpoin
         extra = ["--timesteps", "0"]
     elif case == "negative_timesteps":
         extra = ["--timesteps", "-4"]
+    elif case == "small_headroom":
+        extra = ["--headroom", "0.5"]
+    elif case == "auto_with_others":
+        extra = ["--outliers", "auto,rotate"]
     elif case in ("unsupported_arch", "bad_config_json", "missing_weights", "truncated_weights"):
         broken = tmp_path / "broken"
         shutil.copytree(qwen2_checkpoint, broken)

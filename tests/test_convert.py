@@ -201,3 +201,29 @@ def test_outlier_transforms_keep_the_function_and_replay_from_saved_statistics(q
     loaded = ann2snn.load(out)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_threshold_rule_and_headroom_follow_the_level_table_unless_given():
+    from ann2snn.errors import ConfigError
+    from ann2snn.recipes import get_recipe
+
+    recipe = get_recipe("qwen2")
+    chosen = {t: (recipe.with_options(timesteps=t).chosen_threshold, recipe.with_options(timesteps=t).chosen_headroom)
+              for t in (4, 6, 8, 16)}
+    assert chosen == {4: ("mse", 1.0), 6: ("mse", 1.0), 8: ("max", 2.0), 16: ("max", 4.0)}
+    assert recipe.with_options(coding="rate", timesteps=16).chosen_headroom == 1.0  # 33 levels
+    explicit = recipe.with_options(timesteps=16, threshold="percentile", headroom=1.5)
+    assert (explicit.chosen_threshold, explicit.chosen_headroom) == ("percentile", 1.5)
+    assert explicit.summary()["headroom"] == 1.5
+    with pytest.raises(ConfigError, match="headroom"):
+        recipe.with_options(headroom=0.5)
+
+
+def test_headroom_widens_every_calibrated_step(qwen2_checkpoint):
+    plain, _ = _convert(qwen2_checkpoint, timesteps=8, threshold="max", headroom=1.0, outliers=())
+    wide, _ = _convert(qwen2_checkpoint, timesteps=8, threshold="max", headroom=3.0, outliers=())
+    steps = {name: buffer for name, buffer in plain.named_buffers() if name.endswith(".step") and "softmax" not in name}
+    assert steps
+    for name, buffer in wide.named_buffers():
+        if name in steps:
+            assert torch.allclose(buffer, 3 * steps[name], rtol=1e-6), name

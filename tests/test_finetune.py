@@ -104,6 +104,24 @@ def test_differentiable_neurons_train_log_steps_and_write_them_back(converted):
         assert torch.allclose(neuron.step, before[name] * torch.exp(torch.tensor(0.1)), rtol=1e-5)
 
 
+def test_per_neuron_scales_move_all_channels_and_are_written_back(converted):
+    snn, tokenizer, held_out, _ = converted
+    model = _copy(snn)
+    neurons = dict(calibrated_neurons(model, softmax=True))
+    assert len(neurons) == len(calibrated_neurons(model)) + model.config.num_hidden_layers  # + one softmax clip a layer
+    before = {name: n.step.clone() for name, n in neurons.items()}
+    with differentiable_neurons(model, softmax=True, scales=True) as trained:
+        assert set(trained.log_scales) == set(neurons) and all(p.shape == () for p in trained.scale_parameters())
+        ann2snn.set_simulation(model, "fast")
+        model(input_ids=held_out[:1]).logits.square().mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad) for p in trained.scale_parameters())
+        with torch.no_grad():
+            for p in trained.scale_parameters():
+                p.add_(-0.2)
+    for name, neuron in neurons.items():
+        assert torch.allclose(neuron.step, before[name] * torch.exp(torch.tensor(-0.2)), rtol=1e-5)
+
+
 def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
     code = SpikeCode("phase", 3)
     own, nxt = stdp_window(code, a_plus=1.0, a_minus=0.5, tau_plus=2.0, tau_minus=2.0)
@@ -131,12 +149,12 @@ def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
 def test_distill_shrinks_the_held_out_gap(converted):
     snn, tokenizer, held_out, before = converted
     model = _copy(snn)
-    figures = finetune(model, tokenizer, TRAIN, rule="distill", steps=30, lr=0.02, seq_len=SEQ, progress=False)
+    figures = finetune(model, tokenizer, TRAIN, rule="distill", steps=30, seq_len=SEQ, progress=False)  # the defaults
     after = _snn_perplexity(model, held_out)
     gap_before = before["ppl_snn"] - before["ppl_ann"]
     gap_after = after - before["ppl_ann"]
     assert gap_before > 0.05 * before["ppl_ann"]  # the setting leaves a real gap
-    assert gap_after < 0.9 * gap_before, (before, after)
+    assert gap_after < 0.75 * gap_before, (before, after)  # measured 0.61 (the former defaults: 0.90)
     assert figures["kl_after"] < figures["kl_before"] and figures["thresholds_changed"] > 0
     assert figures["mean_abs_dw"] == 0  # thresholds only: the weights are the ANN's
     # still an exact SNN: the step-by-step simulation gives what fast simulation gives
@@ -197,6 +215,12 @@ def test_bad_options_are_config_errors(converted):
         finetune(snn, tokenizer, TRAIN, steps=1, resume=True)
     with pytest.raises(ConfigError, match="steps"):
         finetune(snn, tokenizer, TRAIN, steps=0)
+    with pytest.raises(ConfigError, match="schedule"):
+        finetune(snn, tokenizer, TRAIN, steps=1, schedule="linear")
+    with pytest.raises(ConfigError, match="hidden"):
+        finetune(snn, tokenizer, TRAIN, steps=1, hidden=-1.0)
+    with pytest.raises(ConfigError, match="takes no option"):
+        finetune(snn, tokenizer, TRAIN, steps=1, a_plus=1.0)
 
 
 def test_cli_finetune_writes_a_loadable_export(converted, tmp_path):
@@ -222,3 +246,54 @@ def test_cli_finetune_writes_a_loadable_export(converted, tmp_path):
     assert again.exit_code == 2 and again.output.startswith("error: ") and len(again.output.strip().splitlines()) == 1
     missing = CliRunner().invoke(main, ["finetune", str(source), "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")])
     assert missing.exit_code == 2 and missing.output.startswith("error: ")
+
+
+# --- `ann2snn convert ... --finetune` -----------------------------------------------------------------
+
+def _convert(*args):
+    return CliRunner().invoke(main, ["convert", *[str(a) for a in args]], catch_exceptions=False)
+
+
+def test_convert_finetune_chains_the_fine_tune_before_export(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(TRAIN[0][:20000])
+    common = ["qwen2-tiny", "--calib-data", data, "--calib-samples", 2, "--seq-len", 32, "--timesteps", 3,
+              "--coding", "phase", "--threshold", "max", "--outliers", "none"]
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    assert _convert(*common, "--out", plain).exit_code == 0
+    result = _convert(*common, "--out", tuned, "--finetune", "--finetune-steps", 2)
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned (distill, 2 steps)" in result.output
+
+    model = ann2snn.load(tuned)
+    record = model.ann2snn["finetune"]
+    assert record["rule"] == "distill" and record["steps"] == 2 and record["seq_len"] == 32
+    assert record["data"] == str(data) and not record["reverted"]
+    assert "finetune" not in ann2snn.load(plain).ann2snn
+    config = json.loads((tuned / "snn_config.json").read_text())
+    assert config["finetune"]["steps"] == 2  # recorded in the export itself
+    original = dict(calibrated_neurons(ann2snn.load(plain)))
+    assert any(not torch.equal(n.step, original[name].step) for name, n in calibrated_neurons(model))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # checkpoint and partial folders removed
+
+
+@pytest.mark.parametrize("case", ["zero_steps", "steps_without_finetune", "missing_data", "unknown_rule", "baseline_recipe"])
+def test_convert_finetune_bad_input_fails_before_loading_and_writes_nothing(case, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(ann2snn, "load_ann", no_loading)
+    out = tmp_path / "out"
+    extra = {"zero_steps": ["--finetune", "--finetune-steps", 0],
+             "steps_without_finetune": ["--finetune-steps", 5],
+             "missing_data": ["--finetune", "--finetune-data", tmp_path / "nope.txt"],
+             "unknown_rule": ["--finetune", "--finetune-rule", "hebb"],
+             "baseline_recipe": ["--finetune", "--recipe", "braintransformers"]}[case]
+    result = _convert("qwen2-tiny", "--out", out, *extra)
+    assert result.exit_code == 2, result.output
+    if case in ("zero_steps", "unknown_rule"):  # click's own check, as for --timesteps 0
+        assert "Invalid value for '--finetune-" in result.output
+    else:
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -87,3 +87,65 @@ def test_braintransformers_staircase_saturates_like_the_reference():
     assert torch.allclose(out, torch.full((3,), 4.9671), atol=1e-3)
     x = torch.linspace(-6, 1, 7001)
     assert 0.08 < (stair(x) - F.silu(x)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("code", [SpikeCode("rate", 8), SpikeCode("phase", 6), SpikeCode("phase", 26)], ids=lambda c: f"{c.name}{c.timesteps}")
+@pytest.mark.parametrize("tokens", [1, 40])  # few tokens: Δ goes onto the spikes; many: Δ is folded into W
+def test_synapsis_paths_for_few_and_many_tokens_equal_linear_of_quantised_input(code, tokens):
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(16, 64).double()
+    step = torch.rand(16).double() * 0.05 + 0.01
+    x = torch.randn(tokens, 16).double() * 0.5
+    synapsis = _step(Synapsis(linear, code, step))
+    step = synapsis.neuron.step.double()  # the neuron holds Δ in float32
+    expected = F.linear(code.quantise(x, step), linear.weight, linear.bias)
+    assert torch.allclose(synapsis(x), expected, atol=1e-10)
+
+
+def test_synapsis_step_mode_in_bfloat16_follows_fast_mode():
+    torch.manual_seed(4)
+    code = SpikeCode("phase", 8)
+    linear = torch.nn.Linear(32, 48).bfloat16()
+    synapsis = Synapsis(linear, code, torch.rand(32) * 0.02 + 0.01)
+    for tokens in (1, 64):
+        x = torch.randn(tokens, 32).bfloat16()
+        fast = synapsis(x).float()
+        step = _step(synapsis)(x).float()
+        synapsis.neuron.simulation = "fast"
+        assert ((step - fast).abs() <= 0.02 * fast.abs().amax()).all()
+
+
+def test_neuron_spikes_follow_the_stated_rule_at_and_next_to_the_thresholds():
+    """In-place firing = the rule of neuron.py's docstring, step by step, also one ulp either side of ±w_t/2."""
+    for dtype in (torch.float32, torch.float64):
+        code = SpikeCode("phase", 5)
+        half = torch.tensor(0.5, dtype=dtype)
+        edges = []
+        for w in code.step_weights().tolist():
+            for edge in (w / 2, -w / 2):
+                e = torch.tensor(edge, dtype=dtype)
+                edges += [e, torch.nextafter(e, e - 1), torch.nextafter(e, e + 1)]
+        u = torch.cat([torch.stack(edges), torch.arange(-70, 70.5, 0.5, dtype=dtype), torch.randn(500, dtype=dtype) * 20, half.reshape(1)])
+        neuron = _step(SignedNeuron(code, (), torch.tensor(1.0)))
+        train = neuron(u)
+        v, expected = u.clone(), []
+        for w in code.step_weights().to(dtype):
+            s = ((v >= w / 2).to(dtype) - (v < -w / 2).to(dtype)) * (w > 0)
+            v = v - s * w
+            expected.append(s)
+        assert torch.equal(train.spikes, torch.stack(expected))
+        assert torch.equal(neuron.v, v)
+
+
+@pytest.mark.parametrize("code", [SpikeCode("rate", 4), SpikeCode("phase", 5)], ids=lambda c: f"{c.name}{c.timesteps}")
+def test_snn_matmul_shares_key_value_heads_without_repeating_them(code):
+    """Grouped-query attention: 4 query heads on 2 key/value heads equals repeat_interleave of the key/value heads."""
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 4, 6, 8).double(), torch.randn(2, 2, 8, 7).double()
+    nq, nk = _step(SignedNeuron(code, 8, torch.full((8,), 0.1))), _step(SignedNeuron(code, 7, torch.full((7,), 0.1)))
+    tq, tk = nq(q), nk(k)
+    repeated = tk.map(lambda x: x.repeat_interleave(2, dim=-3))
+    assert torch.allclose(snn_matmul(tq, tk), snn_matmul(tq, repeated), atol=1e-10)
+    expected = code.quantise(q, nq.step.double()) @ code.quantise(k, nk.step.double()).repeat_interleave(2, dim=-3)
+    assert torch.allclose(snn_matmul(tq, tk), expected, atol=1e-9)
+    assert torch.allclose(snn_matmul(q, k), q @ k.repeat_interleave(2, dim=-3), atol=1e-12)

@@ -7,7 +7,9 @@ An observer keeps, for one tensor the SNN will carry as spikes:
   99.9th percentile (nearest rank). Unlike a histogram it merges across
   processes *exactly* (the top k of the union is the top k of the tops);
 - a seeded priority reservoir of rows (tokens), from which a clipping search
-  can try thresholds later without running the model again.
+  can try thresholds later without running the model again. The rows are kept
+  in the activations' own dtype when that is a 16-bit float (bf16/fp16
+  checkpoints): exactly the values seen, in half the memory of float32.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from ..errors import NumericalError
 
 PERCENTILE = 0.999
+LOSSLESS_16BIT = (torch.bfloat16, torch.float16)  # reservoir rows of these dtypes are kept as they are
 
 
 def top_count(tokens: int, q: float = PERCENTILE) -> int:
@@ -42,7 +45,8 @@ class ChannelObserver:
         x = x.detach()
         if not torch.isfinite(x).all():
             raise NumericalError(f"NaN or Inf in activations at {self.site} during calibration; the checkpoint or dtype is broken there (try --dtype float32)")
-        rows = x.reshape((-1,) + tuple(x.shape[x.dim() - channel_dims:])).float().cpu()
+        raw = x.reshape((-1,) + tuple(x.shape[x.dim() - channel_dims:]))
+        rows = raw.float().cpu()
         self.tokens += rows.shape[0]
         magnitude = rows.abs()
         peak = magnitude.amax(0)
@@ -50,24 +54,31 @@ class ChannelObserver:
         self.top = _top(magnitude if self.top is None else torch.cat((self.top, magnitude)), self.k)
         # Priority reservoir sampling: keep the rows with the largest random keys.
         priority = torch.rand(rows.shape[0], generator=self._generator)
-        self._priority, self.sample = _keep(priority, rows, self._priority, self.sample, self.reservoir)
+        kept = raw.cpu() if raw.dtype in LOSSLESS_16BIT else rows  # bf16/fp16 rows as they are: no rounding
+        if self.sample is not None and self.sample.dtype != kept.dtype:  # mixed dtypes: float32 holds both exactly
+            self.sample, kept = self.sample.float(), rows
+        self._priority, self.sample = _keep(priority, kept, self._priority, self.sample, self.reservoir)
 
     def merge_across_processes(self) -> None:
         """Combine every process's observations (torch.distributed must be initialised)."""
         dist.all_reduce(self.absmax, op=dist.ReduceOp.MAX)
         self.top = _top(torch.cat(_all_gather(self.top)), self.k)
-        priorities, samples = torch.cat(_all_gather(self._priority)), torch.cat(_all_gather(self.sample))
-        self._priority, self.sample = _keep(priorities, samples, None, None, self.reservoir)
+        dtype = self.sample.dtype  # gathered in float32 (exact for bf16/fp16): every backend has it
+        priorities, samples = torch.cat(_all_gather(self._priority)), torch.cat(_all_gather(self.sample.float()))
+        self._priority, self.sample = _keep(priorities, samples.to(dtype), None, None, self.reservoir)
         tokens = torch.tensor([self.tokens])
         dist.all_reduce(tokens)
         self.tokens = int(tokens)
 
     def statistics(self) -> dict[str, torch.Tensor]:
+        """The site's statistics. They hand over the observer's own tensors (no copy of the reservoir):
+        call it once, when the observer is done (`update` rebinds its tensors, it never writes into them)."""
         if self.absmax is None:
             raise RuntimeError(f"observer {self.site} saw no data")
         k = min(top_count(self.tokens), self.top.shape[0])
-        return {"absmax": self.absmax.clone(), "p99.9": self.top[k - 1].clone(), "top": self.top[:k].clone(),
-                "sample": self.sample.clone(), "tokens": torch.tensor(self.tokens)}
+        top = self.top if k == self.top.shape[0] else self.top[:k].clone()
+        return {"absmax": self.absmax, "p99.9": self.top[k - 1].clone(), "top": top,
+                "sample": self.sample, "tokens": torch.tensor(self.tokens)}
 
 
 def _top(magnitude: torch.Tensor, k: int) -> torch.Tensor:

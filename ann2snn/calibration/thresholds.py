@@ -38,6 +38,8 @@ def mse_clip(stats: dict[str, torch.Tensor], code: SpikeCode, grid: int = 32) ->
     absmax = stats["absmax"].clamp_min(MIN_CLIP)
     low = torch.minimum(stats["p99.9"], absmax)
     sample, top = stats["sample"], stats["top"]
+    if sample.dtype in (torch.bfloat16, torch.float16):  # a 16-bit reservoir (exact values): errors in float32
+        sample = sample.float()
     tokens = float(stats["tokens"])
     tail_weight = top.shape[0] / tokens  # the top values are this share of all tokens; the sample stands for the rest
 

@@ -16,13 +16,14 @@ from ..calibration.data import token_windows
 from ..errors import CheckpointError, ConfigError
 from ..modules.neuron import set_simulation
 from .common import Batches, HeldOut, synaptic_parameters
-from .distill import DistillRule
+from .distill import SCHEDULES, DistillRule
 from .stdp import STDPRule
 from .ste import calibrated_neurons
 
 RULES = ("distill", "stdp")
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+DISTILL_DEFAULTS = {"schedule": "cosine", "softmax": False, "warmup": 0, "hidden": 1.0, "scale_lr": None}  # see `DistillRule`
 
 
 def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, lr: float | None = None,
@@ -42,9 +43,11 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     safeguard selects updates on them; at most a tenth, at least one) are held
     out of training and give the figures before and after.
     `steps` batches of `batch_size` windows are drawn from the rest by `seed`.
-    `lr`: the rule's rate (distill: Adam on log-thresholds, default 1e-2; stdp:
-    η, default 8). `weight_lr`: distill's Adam rate for weights (default lr/100).
-    `rule_options` go to the rule (stdp: a_plus, a_minus, tau_plus, tau_minus,
+    `lr`: the rule's rate (distill: Adam on log-thresholds, default 3e-2, on a
+    cosine schedule over `steps`; stdp: η, default 8). `weight_lr`: distill's
+    Adam rate for weights (default 1e-4). `rule_options` go to the rule
+    (distill: schedule, hidden, scale_lr, softmax, warmup — see
+    `ann2snn.finetune.distill`; stdp: a_plus, a_minus, tau_plus, tau_minus,
     beta, baseline_decay, anchor, threshold_rate, target_rate, accumulate,
     min_improvement). `max_tokens` caps the text used.
 
@@ -61,9 +64,18 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     started = time.monotonic()
     _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every,
                    1 if held_out_windows is None else held_out_windows, resume, checkpoint_dir)
-    if rule == "distill" and rule_options:
-        raise ConfigError(f"rule 'distill' takes no option(s) {', '.join(sorted(rule_options))}")
-    neurons = calibrated_neurons(model)
+    if rule == "distill" and set(rule_options) - set(DistillRule.options):
+        raise ConfigError(f"rule 'distill' takes no option(s) {', '.join(sorted(set(rule_options) - set(DistillRule.options)))}")
+    if rule == "distill":
+        rule_options = {**DISTILL_DEFAULTS, **rule_options}
+        if rule_options["schedule"] not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {rule_options['schedule']!r}")
+        for name in ("hidden", "scale_lr", "warmup"):
+            value = rule_options[name]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{name} must be a number of at least 0, got {value!r}")
+    neurons = calibrated_neurons(model, softmax=rule == "distill" and bool(rule_options["softmax"]))
     if not neurons:
         raise ConfigError("this model has no calibrated spiking neurons to fine-tune; convert it with ann2snn first")
     lr = (DistillRule if rule == "distill" else STDPRule).default_lr if lr is None else lr
@@ -98,8 +110,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         saved = _read_checkpoint(checkpoint, fingerprint) if resume else None
         before = saved["before"] if saved else held_out.evaluate()
         if rule == "distill":
-            trainer = DistillRule(model, lr=lr, train_weights=train_weights, weight_lr=weight_lr,
-                                  synaptic=synaptic, originals=originals if train_weights else None)
+            trainer = DistillRule(model, lr=lr, train_weights=train_weights, weight_lr=weight_lr, steps=steps,
+                                  synaptic=synaptic, originals=originals if train_weights else None, **rule_options)
         else:
             trainer = STDPRule(model, lr=lr, synaptic=synaptic, originals=originals, held_out=held_out, **rule_options)
         start = 0
@@ -143,6 +155,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     figures = {
         "rule": rule, "steps": steps, "resumed_from_step": saved["step"] if saved else None, "lr": lr,
         "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "train_weights": bool(train_weights),
+        "options": dict(rule_options),
         "train_windows": int(train.shape[0]), "held_out_windows": int(val.shape[0]),
         "held_out_tokens": int(val[:, 1:].numel()),
         "ppl_ann": held_out.ppl_ann, "ppl_snn_before": before["ppl_snn"], "ppl_snn_after": after["ppl_snn"],

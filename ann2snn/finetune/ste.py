@@ -34,7 +34,7 @@ export format are never changed.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -92,10 +92,18 @@ def neurons(model: nn.Module) -> list[tuple[str, SignedNeuron]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SignedNeuron)]
 
 
-def calibrated_neurons(model: nn.Module) -> list[tuple[str, SignedNeuron]]:
-    """The neurons whose thresholds fine-tuning may change (see `trainable_neuron`)."""
-    softmax = {id(m.neuron) for m in model.modules() if isinstance(m, SNNSoftmax)}
-    return [(name, m) for name, m in neurons(model) if trainable_neuron(m) and id(m) not in softmax]
+def calibrated_neurons(model: nn.Module, softmax: bool = False) -> list[tuple[str, SignedNeuron]]:
+    """The neurons whose thresholds fine-tuning may change (see `trainable_neuron`).
+
+    With `softmax`, also each SNNSoftmax neuron (one step per layer, 1/L at
+    conversion: clip 1, the row maximum of the exponentials). Its clip is not
+    calibrated, but it is still a threshold: a clip below 1 saturates the few
+    largest exponentials of a row (the normaliser is the same saturated train,
+    so each row still sums to 1) and gives the many small ones finer levels —
+    at small T most of them would otherwise round to zero.
+    """
+    excluded = set() if softmax else {id(m.neuron) for m in model.modules() if isinstance(m, SNNSoftmax)}
+    return [(name, m) for name, m in neurons(model) if trainable_neuron(m) and id(m) not in excluded]
 
 
 @dataclass
@@ -103,23 +111,33 @@ class DifferentiableNeurons:
     """What `differentiable_neurons` yields: the log-step parameters, by neuron name."""
 
     log_steps: dict[str, nn.Parameter]
+    log_scales: dict[str, nn.Parameter] = field(default_factory=dict)
 
     def parameters(self) -> list[nn.Parameter]:
+        """The per-channel log-steps s."""
         return list(self.log_steps.values())
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The per-neuron log-scales g (empty unless `differentiable_neurons(..., scales=True)`)."""
+        return list(self.log_scales.values())
 
     def steps(self) -> dict[str, torch.Tensor]:
         """Current Δ of every trained neuron (detached)."""
-        return {name: p.detach().exp() for name, p in self.log_steps.items()}
+        return {name: _log_step(p, self.log_scales.get(name)).detach().exp() for name, p in self.log_steps.items()}
 
 
-def _differentiable_forward(neuron: SignedNeuron, log_step: nn.Parameter | None):
+def _log_step(log_step: torch.Tensor, log_scale: torch.Tensor | None) -> torch.Tensor:
+    return (log_step if log_scale is None else log_step + log_scale).clamp_min(MIN_LOG_STEP)
+
+
+def _differentiable_forward(neuron: SignedNeuron, log_step: nn.Parameter | None, log_scale: nn.Parameter | None):
     def forward(x: torch.Tensor):
         if neuron.simulation == "ann":
             return x
         if log_step is None:
             step = neuron.current_step(x).detach()
         else:
-            step = log_step.clamp_min(MIN_LOG_STEP).exp().to(x.device)
+            step = _log_step(log_step, log_scale).exp().to(x.device)
         if neuron.simulation == "fast":
             return ste_quantise(x, step, neuron.code.max_count)
         return neuron.fire(x, step.detach())  # "step": the real spikes, at the current thresholds
@@ -128,29 +146,35 @@ def _differentiable_forward(neuron: SignedNeuron, log_step: nn.Parameter | None)
 
 
 @contextlib.contextmanager
-def differentiable_neurons(model: nn.Module, train_steps: bool = True):
+def differentiable_neurons(model: nn.Module, train_steps: bool = True, softmax: bool = False, scales: bool = False):
     """Make every SignedNeuron of `model` differentiable (STE) and, if `train_steps`, its Δ learnable.
 
     Yields a `DifferentiableNeurons`; its ``log_steps`` (one float32 parameter
-    per calibrated neuron, shaped like its ``step`` buffer) go to the optimizer.
+    per calibrated neuron — with `softmax` also per SNNSoftmax neuron, see
+    `calibrated_neurons` — shaped like its ``step`` buffer) go to the optimizer.
+    With `scales`, each such neuron also gets one scalar log-scale g (starting
+    at 0), and Δ = exp(s + g): g moves all of the neuron's channels together.
     On exit — also on an exception — each neuron's ``step`` buffer receives
-    exp(log_step) and its class ``forward`` is restored.
+    exp(s + g) and its class ``forward`` is restored.
     """
-    trainable = {id(m) for _, m in calibrated_neurons(model)} if train_steps else set()
+    trainable = {id(m) for _, m in calibrated_neurons(model, softmax)} if train_steps else set()
     log_steps: dict[str, nn.Parameter] = {}
+    log_scales: dict[str, nn.Parameter] = {}
     patched = []
     try:
         for name, neuron in neurons(model):
-            param = None
+            param = scale = None
             if id(neuron) in trainable:
                 param = nn.Parameter(neuron.step.detach().float().clamp_min(1e-30).log())
                 log_steps[name] = param
-            neuron.forward = _differentiable_forward(neuron, param)
-            patched.append((neuron, param))
-        yield DifferentiableNeurons(log_steps)
+                if scales:
+                    scale = log_scales[name] = nn.Parameter(torch.zeros((), device=param.device))
+            neuron.forward = _differentiable_forward(neuron, param, scale)
+            patched.append((neuron, param, scale))
+        yield DifferentiableNeurons(log_steps, log_scales)
     finally:
         with torch.no_grad():
-            for neuron, param in patched:
+            for neuron, param, scale in patched:
                 if param is not None:
-                    neuron.step.copy_(param.detach().clamp_min(MIN_LOG_STEP).exp().to(neuron.step))
+                    neuron.step.copy_(_log_step(param.detach(), None if scale is None else scale.detach()).exp().to(neuron.step))
                 neuron.__dict__.pop("forward", None)

@@ -41,16 +41,58 @@ def snn_matmul(a: torch.Tensor | SpikeTrain, b: torch.Tensor | SpikeTrain) -> to
         Σ_t (A_≤t @ b_t + a_t @ B_<t) = A_T @ B_T,
 
     so every term pairs an accumulated value with one step's spikes: the spikes
-    select which accumulated rows to add or subtract.
+    select which accumulated rows to add or subtract. The loop runs over the T
+    steps only: A_≤t and B_<t are two running buffers, and both terms of a step
+    accumulate in place into the output (no [T, …] stack of products).
+
+    Grouped-query attention without copies: when a has g times as many heads
+    (dim −3) as b, each group of g consecutive heads of a shares one head of b
+    (as `repeat_interleave(g, dim=-3)` of b would give), by a reshape of a.
     """
     if not isinstance(a, SpikeTrain) and not isinstance(b, SpikeTrain):
-        return torch.matmul(a, b)
+        groups = _head_groups(a.shape, b.shape)
+        if groups == 1:
+            return torch.matmul(a, b)
+        return _ungroup(torch.matmul(_group(a, groups), b), groups)
     if not (isinstance(a, SpikeTrain) and isinstance(b, SpikeTrain)):
         raise TypeError("snn_matmul needs two spike trains or two dense tensors")
     a_t, b_t = a.values(), b.values()
-    a_upto = a_t.cumsum(0)
-    b_before = b_t.cumsum(0) - b_t
-    return (torch.matmul(a_upto, b_t) + torch.matmul(a_t, b_before)).sum(0)
+    groups = _head_groups(a_t.shape[1:], b_t.shape[1:])
+    if groups > 1:
+        a_t = _group(a_t, groups)
+    batch = torch.broadcast_shapes(a_t.shape[1:-2], b_t.shape[1:-2])
+    m, k, n = a_t.shape[-2], a_t.shape[-1], b_t.shape[-1]
+    dtype = torch.promote_types(a_t.dtype, b_t.dtype)
+    # [T, batch, m, k] and [T, batch, k, n] flattened to 3-d batches, for baddbmm
+    a_t = a_t.to(dtype).expand(a_t.shape[:1] + batch + (m, k)).reshape(a_t.shape[0], -1, m, k)
+    b_t = b_t.to(dtype).expand(b_t.shape[:1] + batch + (k, n)).reshape(b_t.shape[0], -1, k, n)
+    a_upto = a_t[0].clone()
+    b_before = b_t[0].clone()
+    out = torch.bmm(a_upto, b_t[0])  # step 0: A_≤0 @ b_0 (B_<0 = 0)
+    for t in range(1, a_t.shape[0]):
+        a_upto.add_(a_t[t])
+        out.baddbmm_(a_upto, b_t[t]).baddbmm_(a_t[t], b_before)
+        if t + 1 < a_t.shape[0]:
+            b_before.add_(b_t[t])
+    out = out.reshape(batch + (m, n))
+    return _ungroup(out, groups) if groups > 1 else out
+
+
+def _head_groups(a_shape, b_shape) -> int:
+    """g when a's dim −3 (heads) is g > 1 times b's and the other batch dims agree; else 1."""
+    if len(a_shape) < 3 or len(a_shape) != len(b_shape) or a_shape[:-3] != b_shape[:-3]:
+        return 1
+    heads, kv_heads = a_shape[-3], b_shape[-3]
+    return heads // kv_heads if heads != kv_heads and kv_heads > 0 and heads % kv_heads == 0 else 1
+
+
+def _group(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[..., H, m, k] → [..., H/g, g·m, k]: the g heads sharing one key/value head, stacked along rows."""
+    return x.reshape(x.shape[:-3] + (x.shape[-3] // groups, groups * x.shape[-2], x.shape[-1]))
+
+
+def _ungroup(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x.reshape(x.shape[:-3] + (x.shape[-3] * groups, x.shape[-2] // groups, x.shape[-1]))
 
 
 class SNNMatmul(nn.Module):
@@ -81,10 +123,18 @@ class SNNSoftmax(nn.Module):
 
 
 class SpikingAttention(nn.Module):
-    """Spike-driven grouped-query attention for one decoder layer."""
+    """Spike-driven grouped-query attention for one decoder layer.
+
+    With `sink_tokens` > 0 every query also attends to constant sink keys and
+    values (`ann2snn.attention_sink`): the query's spikes select rows of the
+    constant keys and the sink probability's spikes rows of the constant values,
+    as spikes select a Synapsis's weight columns. In ``"ann"`` simulation the
+    sink is left out, so the ANN stays the original model.
+    """
 
     def __init__(self, code: SpikeCode, heads: int, kv_heads: int, head_dim: int,
-                 q_step: torch.Tensor | None = None, k_step: torch.Tensor | None = None, v_step: torch.Tensor | None = None):
+                 q_step: torch.Tensor | None = None, k_step: torch.Tensor | None = None, v_step: torch.Tensor | None = None,
+                 sink: tuple[torch.Tensor, torch.Tensor] | None = None, sink_tokens: int = 0):
         super().__init__()
         self.groups = heads // kv_heads
         self.q_neuron = SignedNeuron(code, (heads, head_dim), q_step)
@@ -93,6 +143,12 @@ class SpikingAttention(nn.Module):
         self.qk = SNNMatmul()
         self.softmax = SNNSoftmax(code)
         self.pv = SNNMatmul()
+        self.sink_tokens = sink_tokens
+        if sink_tokens:
+            key, value = sink if sink is not None else (torch.zeros(kv_heads, sink_tokens, head_dim),) * 2
+            self.register_buffer("sink_key", key.detach().clone())
+            self.register_buffer("sink_value", value.detach().clone())
+        self.simulation = "fast"
 
     def forward(self, query, key, value, mask, scaling: float) -> torch.Tensor:
         """query [B, H, S, D], key/value [B, KVH, S_kv, D] → output [B, S, H, D]."""
@@ -104,10 +160,29 @@ class SpikingAttention(nn.Module):
         k = _apply(k, lambda x: x.transpose(-3, -2).repeat_interleave(self.groups, dim=-3).transpose(-1, -2))
         v = _apply(v, lambda x: x.transpose(-3, -2).repeat_interleave(self.groups, dim=-3))
         scores = self.qk(q, k) * scaling
+        sink = self.sink_tokens and self.simulation != "ann"
+        if sink:
+            sink_key = self.sink_key.repeat_interleave(self.groups, 0).transpose(-1, -2).to(scores.dtype)
+            scores = torch.cat([_constant_matmul(q, sink_key) * scaling, scores], -1)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(*mask.shape[:-1], self.sink_tokens), mask], -1)
         probs, row_sum = self.softmax(scores, mask)
         v = _apply(v, lambda x: x.to(row_sum.dtype))
-        out = self.pv(probs, v) / row_sum
+        if sink:
+            sink_value = self.sink_value.repeat_interleave(self.groups, 0).to(row_sum.dtype)
+            sink_probs = _apply(probs, lambda x: x[..., : self.sink_tokens])
+            probs = _apply(probs, lambda x: x[..., self.sink_tokens:])
+            out = (self.pv(probs, v) + _constant_matmul(sink_probs, sink_value)) / row_sum
+        else:
+            out = self.pv(probs, v) / row_sum
         return out.transpose(1, 2).to(query.dtype)
+
+
+def _constant_matmul(x: torch.Tensor | SpikeTrain, constant: torch.Tensor) -> torch.Tensor:
+    """x @ constant where x may be a spike train: each step's spikes select ± rows of the constant."""
+    if isinstance(x, SpikeTrain):
+        return torch.matmul(x.values(), constant.to(x.spikes.dtype)).sum(0)
+    return torch.matmul(x, constant.to(x.dtype))
 
 
 def _apply(x, fn):

@@ -73,6 +73,10 @@ class SpikeTrain:
 
     def counts(self) -> torch.Tensor:
         """Σ_t s_t·w_t: the integer each neuron's spikes sum to."""
+        if self.spikes.dtype in (torch.float32, torch.float64):
+            # one pass over the train (w @ spikes); every partial sum is an integer below 2^24, so exact
+            weights = self.weights.to(device=self.spikes.device, dtype=self.spikes.dtype)
+            return torch.matmul(weights, self.spikes.reshape(self.timesteps, -1)).reshape(self.spikes.shape[1:])
         return (self.spikes * self._per_step()).sum(0)
 
     def accumulate(self) -> torch.Tensor:
@@ -118,16 +122,30 @@ class SignedNeuron(base.MemoryModule):
         return self.step.to(x.device)
 
     def fire(self, x: torch.Tensor, step: torch.Tensor) -> SpikeTrain:
-        """Integrate x, then fire T steps; returns the spike train."""
+        """Integrate x, then fire T steps; returns the spike train.
+
+        The loop runs over time steps only, vectorised over every neuron, and
+        works in place: the membrane is one buffer and each step's spikes are
+        written straight into their slice of the [T, *shape] output, with the
+        comparisons of the rule above (so ties at exactly ±w_t/2 go as stated).
+        Spikes carry no gradient: the membrane is built from x.detach().
+        """
         weights = self.weights.to(x.device)
         dtype = torch.promote_types(x.dtype, torch.float32)
-        self.v = x.to(dtype) / step.to(dtype)  # membrane potential in units of Δ, as SpikeCode.quantise_counts
-        spikes = []
-        for w in weights:  # a loop over time steps only, vectorised over every neuron
-            s = ((self.v >= w / 2).float() - (self.v < -w / 2).float()) * (w > 0)  # a zero-weight step stays silent
-            self.v = self.v - s * w
-            spikes.append(s)
-        return SpikeTrain(torch.stack(spikes).to(x.dtype), weights, step.to(x.dtype))
+        v = x.detach().to(dtype) / step.detach().to(dtype)  # membrane in units of Δ, as SpikeCode.quantise_counts
+        spikes = torch.empty((weights.numel(),) + tuple(v.shape), dtype=dtype, device=v.device)
+        negative = torch.empty_like(v)
+        for t, w in enumerate(weights.tolist()):
+            s = spikes[t]
+            if w <= 0:  # a zero-weight step stays silent
+                s.zero_()
+                continue
+            torch.ge(v, w / 2, out=s)  # +1 where v ≥ w/2
+            torch.lt(v, -w / 2, out=negative)  # −1 where v < −w/2
+            s.sub_(negative)
+            v.sub_(s, alpha=w)  # reset by subtraction: v ← v − s·w (s·w is exact)
+        self.v = v
+        return SpikeTrain(spikes.to(x.dtype), weights, step.to(x.dtype))
 
 
 class DynamicNeuron(SignedNeuron):

@@ -7,9 +7,18 @@ and the step's weight w_t (a power of two for the phase code) is a shift:
 
     out = Σ_t w_t · (s_t @ (W·diag(Δ))ᵀ) + b
 
-W·diag(Δ) folds the neuron's per-channel step into the weights once, so no
+W·diag(Δ) folds the neuron's per-channel step into the weights, so no
 activation value is ever multiplied. The synaptic weights are their own
 submodule so that tests (and users) can hook exactly what reaches them.
+
+Cost. The step's Δ enters each product W_oc·Δ_c·s_c once, on whichever side
+touches fewer numbers: folded into W (out × in numbers, per call) when many
+tokens go through, or onto the spikes as their ±Δ (T × tokens × in numbers)
+when few do (token-by-token generation), so neither prefill nor generation pays
+for a weight-sized copy it does not need. Nothing is cached, so a weight or Δ
+changed by fine-tuning is always the one used. With many tokens (float32/64)
+the T products accumulate in place, one GEMM per step with the shift w_t as its
+scale; otherwise one GEMM runs over the stacked steps and the shifts sum them.
 """
 
 from __future__ import annotations
@@ -34,10 +43,27 @@ class SynapticWeights(nn.Module):
     def forward(self, x: torch.Tensor | SpikeTrain) -> torch.Tensor:
         if not isinstance(x, SpikeTrain):
             return F.linear(x, self.weight, self.bias)
-        folded = self.weight * x.step.reshape(-1)  # W·diag(Δ): Δ broadcast over output rows
-        per_step = torch.matmul(x.spikes, folded.t())  # ternary spikes select ± columns
-        shifts = x.weights.to(per_step.dtype).reshape((-1,) + (1,) * (per_step.dim() - 1))
-        out = (per_step * shifts).sum(0)
+        spikes = x.spikes.reshape(x.timesteps, -1, x.spikes.shape[-1])  # [T, tokens, in]
+        steps, rows = x.timesteps, spikes.shape[1]
+        delta = x.step.reshape(-1)
+        fold = steps * rows >= self.weight.shape[0]  # Δ into W (out·in numbers) or onto the spikes (T·rows·in)
+        if fold:
+            weight = self.weight * delta  # W·diag(Δ): Δ broadcast over output rows
+        else:
+            spikes, weight = spikes * delta, self.weight  # few tokens: each spike becomes ±Δ_c or 0
+        if fold and spikes.dtype in (torch.float32, torch.float64):
+            shifts = x.weights.tolist()
+            weight = weight.t()
+            out = torch.mm(spikes[0], weight)  # ternary spikes select ± columns
+            if shifts[0] != 1:
+                out.mul_(shifts[0])
+            for t in range(1, steps):
+                if shifts[t] != 0:  # a zero-weight step is silent
+                    out.addmm_(spikes[t], weight, alpha=shifts[t])
+        else:  # one GEMM over the stacked steps, then the shifts sum them (in one rounding for bf16/fp16)
+            per_step = torch.matmul(spikes, weight.t())  # [T, tokens, out]
+            out = torch.matmul(x.weights.to(per_step.dtype).unsqueeze(0), per_step.reshape(steps, -1))
+        out = out.reshape(x.spikes.shape[1:-1] + (self.weight.shape[0],))
         return out if self.bias is None else out + self.bias
 
 
