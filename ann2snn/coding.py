@@ -74,10 +74,16 @@ class SpikeCode:
         return clip / self.max_count
 
     def quantise_counts(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """k = clamp(floor(x/Δ + 1/2), −L, L): the integer the neuron's spikes sum to."""
+        """k = clamp(floor(x/Δ + 1/2), −L, L): the integer the neuron's spikes sum to.
+
+        Computed as floor(u) + [u − floor(u) ≥ 1/2]: the fraction is exact in float
+        (Sterbenz) where it matters, whereas u + 1/2 rounds up for u one float step
+        below 1/2 — where the neuron, comparing v ≥ 1/2, stays silent.
+        """
         dtype = _working_dtype(x)
         u = x.to(dtype) / step.to(dtype)
-        return torch.clamp(torch.floor(u + 0.5), -self.max_count, self.max_count)
+        whole = torch.floor(u)
+        return torch.clamp(whole + (u - whole >= 0.5).to(dtype), -self.max_count, self.max_count)
 
     def quantise(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """The fake-quantised value k·Δ, in x's dtype."""

@@ -74,3 +74,16 @@ def test_phase_code_past_23_steps_keeps_later_steps_silent():
     train = neuron(x)
     assert (train.spikes[23:] == 0).all()
     assert torch.equal(train.counts(), code.quantise_counts(x, step))
+
+
+@pytest.mark.parametrize("coding", ["rate", "phase"])
+def test_fast_rounding_matches_the_neuron_one_float_step_from_a_half(coding):
+    """u = x/Δ one float32 step either side of k + 1/2: quantise and the firing neuron give the same count."""
+    code = SpikeCode(coding, 6)
+    halves = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 7.5], dtype=torch.float32)
+    u = torch.cat([torch.nextafter(halves, halves - 1), halves, torch.nextafter(halves, halves + 1)])
+    step = torch.ones(())
+    neuron = SignedNeuron(code, (), step)
+    neuron.simulation = "step"
+    assert torch.equal(neuron(u).counts(), code.quantise_counts(u, step))
+    assert code.quantise_counts(torch.tensor([0.49999997]), step).item() == 0  # floor(u + 1/2) gave 1
