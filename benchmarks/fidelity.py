@@ -21,7 +21,8 @@ prints one markdown table. Per row:
 
 Methods, for each T:
 
-1. ann2snn ``qwen2`` recipe, phase coding, MSE thresholds (the library default)
+1. ann2snn ``qwen2`` recipe, phase coding, the recipe's default threshold rule and
+   headroom at that T (the library default; the row names them)
    — a "bound" row (``fast`` simulation: the fake-quantised ANN at the coding's
    levels, i.e. the quantisation bound) and an "SNN" row (``--simulation``;
    by default ``step`` — the full step-by-step spiking simulation — for T ≤ 16
@@ -91,6 +92,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ann2snn  # noqa: E402
+from ann2snn.recipes import get_recipe  # noqa: E402
 from ann2snn.calibration.data import read_texts, token_windows  # noqa: E402
 from ann2snn.errors import Ann2SnnError  # noqa: E402
 
@@ -372,8 +374,10 @@ def main(argv=None) -> int:
     del probe
     calib_seconds = time.perf_counter() - t0
 
-    def run_ann2snn(T: int, coding: str, threshold: str) -> None:
-        variant = f"{coding} / {threshold}"
+    def run_ann2snn(T: int, coding: str, threshold: str | None) -> None:
+        """threshold None: the recipe's default at this T (rule and headroom from its level table)."""
+        recipe = get_recipe("qwen2").with_options(timesteps=T, coding=coding, threshold=threshold)
+        variant = f"{coding} / {recipe.chosen_threshold} ×{recipe.chosen_headroom:g}"
         snn_sim = args.simulation or ("step" if T <= STEP_UP_TO else "fast")
         label = f"ann2snn qwen2 T={T} {variant}"
         log(args, f"[{label}]")
@@ -451,7 +455,7 @@ def main(argv=None) -> int:
                         note=f"batch {batch}"))
 
     for T in args.timesteps:
-        run_ann2snn(T, "phase", "mse")
+        run_ann2snn(T, "phase", None)
         run_ann2snn(T, "rate", "mse")
         run_ann2snn(T, "rate", "max")
         run_spikingjelly(T)

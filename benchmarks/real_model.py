@@ -191,6 +191,47 @@ def fetch_real_model(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path:
     return folder
 
 
+def as_qwen2(folder: Path) -> Path:
+    """The same network as a Qwen2 checkpoint (zero q/k/v biases) beside `folder`, so that recipes
+    serving only ``qwen2`` (spikingjelly's) can run on it; logits checked against the Llama original."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    target = folder.with_name(folder.name + "-as-qwen2")
+    if (target / "model.safetensors").is_file():
+        return target
+    llama = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    c = llama.config
+    config = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                         rms_norm_eps=c.rms_norm_eps, rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
+                         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, dtype="float32")
+    qwen2 = Qwen2ForCausalLM(config)
+    state = qwen2.state_dict()
+    for key, value in llama.state_dict().items():
+        state[key] = value
+    for key in state:
+        if key.endswith("_proj.bias"):
+            state[key] = torch.zeros_like(state[key])
+    qwen2.load_state_dict(state)
+    qwen2.tie_weights()
+    ids = torch.arange(1, 65)[None]
+    with torch.no_grad():
+        gap = (qwen2(ids).logits - llama(ids).logits).abs().max().item()
+    if gap > 1e-3:
+        raise RuntimeError(f"the Qwen2 form differs from the Llama original by {gap} in the logits")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    qwen2.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+    for name in ("LICENSE", "SOURCE.json"):
+        shutil.copyfile(folder / name, tmp / name)
+    tmp.rename(target)
+    _log(f"Qwen2 form (max logit difference {gap:.1e}) -> {target}")
+    return target
+
+
 def activation_outliers(model, windows, batch_size: int = 4) -> tuple[list[dict], float]:
     """Per layer, the outlier statistics of the inputs of down_proj and q_proj and of the residual stream; and the PPL."""
     import torch
@@ -256,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    parser.add_argument("--qwen2", action="store_true",
+                        help="also write the model as a Qwen2 checkpoint (zero q/k/v biases) for qwen2-only recipes; print its folder")
     args = parser.parse_args(argv)
 
     import torch
@@ -267,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     folder = fetch_real_model(args.cache)
     t_fetch = time.time() - t0
+    if args.qwen2:
+        print(f"qwen2 form    {as_qwen2(folder)}")
     t0 = time.time()
     model, tok = ann2snn.load_ann(str(folder), dtype=torch.float32)
     t_load = time.time() - t0
