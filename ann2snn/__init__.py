@@ -11,11 +11,13 @@ __version__ = "0.1.0"
 from pathlib import Path as _Path
 
 
-def load_ann(model: str, dtype=None, trust_remote_code: bool = False):
-    """(model, tokenizer) for a local folder, a hub id, a short name or the embedded 'qwen2-tiny'."""
+def load_ann(model: str, dtype=None, trust_remote_code: bool = False, device_map: str | None = None):
+    """(model, tokenizer) for a local folder, a hub id, a short name or the embedded 'qwen2-tiny'.
+
+    `device_map`: None / "cpu", a device ("cuda:0") or "auto" (spread over the GPUs; `ann2snn.placement`)."""
     from .models import load_ann as _load, resolve_model
 
-    return _load(resolve_model(model), dtype, trust_remote_code)
+    return _load(resolve_model(model), dtype, trust_remote_code, device_map)
 
 
 def load_tokenizer(folder: str | _Path):

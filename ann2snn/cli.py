@@ -10,7 +10,7 @@ import json
 
 import click
 
-from .cli_support import clean_errors, positive
+from .cli_support import clean_errors, device_map_option, positive
 from .finetune.core import RULES as FINETUNE_RULES
 
 
@@ -36,8 +36,20 @@ def _init_distributed() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # the statistics are merged as CPU tensors: gloo carries those, NCCL (when there are GPUs) the rest
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank() == 0
+
+
+def _process_device(device_map: str) -> str:
+    """Under torchrun, 'cuda' and 'auto' mean this process's own GPU: the processes split the text, not the model."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device_map in ("cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device_map
 
 
 @click.group()
@@ -70,9 +82,10 @@ def main():
 @click.option("--finetune-data", type=click.Path(), default=None, help="Text to fine-tune on (default: the calibration text).")
 @click.option("--finetune-steps", type=int, default=None, callback=positive, help="Fine-tuning batches (default 200).")
 @click.option("--finetune-rule", type=click.Choice(FINETUNE_RULES), default=None, help="distill (default) or stdp.")
+@device_map_option
 @clean_errors
 def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, outliers, recipe,
-            dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule):
+            dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, device_map):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
 
     MODEL is a local checkpoint folder, a hub id (Qwen/Qwen2.5-3B), a short name
@@ -82,6 +95,9 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     --finetune-data, windows of --seq-len tokens, --seed) between conversion and
     export; its checkpoint is kept beside --out until the export is written, so
     an interrupted run resumes there when rerun with the same options.
+
+    Under torchrun each process calibrates on its share of the text; with
+    --device-map cuda or auto, each on its own GPU (LOCAL_RANK).
     """
     import shutil
     from pathlib import Path
@@ -92,6 +108,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     from .convert import calibrate
     from .errors import ConfigError
     from .models import parse_dtype, resolve_model
+    from .placement import check_device_map
     from .recipes import get_recipe
 
     # Check what is cheap to check before loading anything.
@@ -100,6 +117,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     options = dict(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers)
     get_recipe(recipe).with_options(**options)
+    device_map = check_device_map(_process_device(device_map))
     if calib_stats is None:
         read_texts(calib_data)
     given = [name for name, value in (("--finetune-data", finetune_data), ("--finetune-steps", finetune_steps),
@@ -113,7 +131,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
         finetune_rule = finetune_rule or "distill"
         finetune_steps = finetune_steps or 200
     folder = resolve_model(model)
-    ann, tokenizer = load_ann(str(folder), parse_dtype(dtype), trust_remote_code)
+    ann, tokenizer = load_ann(str(folder), parse_dtype(dtype), trust_remote_code, device_map)
     main_process = _init_distributed()  # under torchrun: calibrate on every process, export from the first
 
     statistics, info = None, None
@@ -176,15 +194,17 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
 @click.option("--max-new-tokens", type=int, default=40, show_default=True, callback=positive)
 @click.option("--simulation", type=click.Choice(["fast", "step"]), default="fast", show_default=True,
               help="fast: exact accumulated spike counts; step: simulate every time step (same tokens, slower).")
+@device_map_option
 @clean_errors
-def generate(export_dir, prompt, max_new_tokens, simulation):
+def generate(export_dir, prompt, max_new_tokens, simulation, device_map):
     """Generate text with an exported SNN (greedy, with key/value cache)."""
     from . import load, load_tokenizer, set_simulation
+    from .placement import check_device_map
 
-    model = load(export_dir)
+    model = load(export_dir, device_map=check_device_map(device_map))
     tokenizer = load_tokenizer(export_dir)
     set_simulation(model, simulation)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     click.echo(tokenizer.decode(output[0], skip_special_tokens=True))
@@ -197,15 +217,18 @@ def generate(export_dir, prompt, max_new_tokens, simulation):
 @click.option("--max-tokens", type=int, default=20000, show_default=True, callback=positive, help="Score at most this many tokens.")
 @click.option("--simulation", type=click.Choice(["fast", "step"]), default="fast", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@device_map_option
 @clean_errors
-def evaluate(export_dir, data, seq_len, max_tokens, simulation, as_json):
+def evaluate(export_dir, data, seq_len, max_tokens, simulation, as_json, device_map):
     """Perplexity of the ANN and the SNN on --data, and how often their top-1 tokens agree."""
     from . import load, load_tokenizer
     from .calibration.data import read_texts, token_windows
     from .evaluate import compare
+    from .placement import check_device_map
 
+    device_map = check_device_map(device_map)
     texts = read_texts(data)
-    model = load(export_dir)
+    model = load(export_dir, device_map=device_map)
     tokenizer = load_tokenizer(export_dir)
     windows = token_windows(tokenizer, texts, seq_len, max_tokens=max_tokens)
     result = compare(model, windows, simulation, progress=not as_json)

@@ -39,3 +39,12 @@ def positive(ctx, param, value):
     if value is not None and value <= 0:
         raise click.BadParameter(f"must be a positive integer, got {value}")
     return value
+
+
+def device_map_option(command):
+    """--device-map: where the model runs (`ann2snn.placement`); checked by the command before it loads anything."""
+    return click.option(
+        "--device-map", default="cpu", show_default=True,
+        help="cpu, a device (cuda, cuda:1, mps) or auto: accelerate spreads whole decoder layers over the GPUs "
+             "there are and keeps the rest in CPU memory (needs accelerate)."
+    )(command)

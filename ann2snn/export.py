@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .atomic import atomic_folder
 from .errors import CheckpointError, ConfigError
+from .placement import place
 from .replace import apply_recipe
 
 FORMAT_VERSION = 1
@@ -150,8 +151,10 @@ def _read_weights(folder: Path, config: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def load(folder: str | Path, dtype: torch.dtype | None = None):
-    """Load an exported SNN: a transformers causal LM with ann2snn's SNN modules, verified and in eval mode."""
+def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str | None = None):
+    """Load an exported SNN: a transformers causal LM with ann2snn's SNN modules, verified and in eval mode.
+
+    `device_map`: None / "cpu", a device ("cuda:0") or "auto" (spread over the GPUs; `ann2snn.placement`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .recipes import get_recipe
@@ -180,4 +183,4 @@ def load(folder: str | Path, dtype: torch.dtype | None = None):
         raise CheckpointError(f"the weights in {folder} do not match its recipe ({', '.join(problems)}); the export is damaged")
     model.tie_weights()
     model.ann2snn = {key: value for key, value in config.items() if key not in ("files", "format_version", "ann2snn_version")}
-    return model.eval()
+    return place(model, device_map).eval()

@@ -1,36 +1,16 @@
 """`ann2snn finetune`: plasticity fine-tuning of an export, written as a new export.
 
-Registered on the `ann2snn` group at the end of `ann2snn/cli.py`. The command
-uses cli.py's `_clean_errors` (one-line errors, exit status 2, nothing
-half-written) and `_positive`; they are looked up when the command runs, not
-when this module is imported, so importing either module first works.
+Registered on the `ann2snn` group at the end of `ann2snn/cli.py`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 
 import click
 
+from .cli_support import clean_errors, device_map_option, positive
 from .finetune.core import RULES
-
-
-def _cli():
-    from . import cli
-
-    return cli
-
-
-def _clean(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        return _cli().clean_errors(command)(*args, **kwargs)
-    return wrapper
-
-
-def _positive(ctx, param, value):
-    return _cli().positive(ctx, param, value)
 
 
 @click.command()
@@ -39,20 +19,21 @@ def _positive(ctx, param, value):
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Export folder for the result (must not exist unless --overwrite).")
 @click.option("--rule", type=click.Choice(RULES), default="distill", show_default=True,
               help="distill: gradient (STE) on thresholds towards the ANN; stdp: reward-modulated STDP on weights.")
-@click.option("--steps", type=int, default=200, show_default=True, callback=_positive, help="Training batches.")
+@click.option("--steps", type=int, default=200, show_default=True, callback=positive, help="Training batches.")
 @click.option("--lr", type=float, default=None, help="distill: Adam rate on log-thresholds (default 3e-2, cosine schedule); stdp: rate η (default 8).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, callback=_positive, help="Windows per batch.")
-@click.option("--seq-len", type=int, default=128, show_default=True, callback=_positive, help="Tokens per window.")
+@click.option("--batch-size", type=int, default=4, show_default=True, callback=positive, help="Windows per batch.")
+@click.option("--seq-len", type=int, default=128, show_default=True, callback=positive, help="Tokens per window.")
 @click.option("--train-weights", is_flag=True, help="distill: also train the Synapsis weights (stdp always adapts them).")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True, callback=_positive,
+@click.option("--checkpoint-every", type=int, default=50, show_default=True, callback=positive,
               help="Steps between checkpoints (kept beside --out until the export is written).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same options from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-@_clean
+@device_map_option
+@clean_errors
 def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_len, train_weights, checkpoint_every,
-             resume, overwrite, as_json):
+             resume, overwrite, as_json, device_map):
     """Fine-tune the SNN in EXPORT_DIR on --data and export it to --out.
 
     The last windows of --data are held out of training; the figures printed
@@ -67,14 +48,16 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
     from .errors import CheckpointError, ConfigError
     from .export import CALIBRATION_FILE
     from .finetune import finetune as finetune_model, gap_reduction
+    from .placement import check_device_map
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr must be positive, got {lr}")
+    device_map = check_device_map(device_map)
     texts = read_texts(data)
-    model = load(export_dir)
+    model = load(export_dir, device_map=device_map)
     try:
         tokenizer = load_tokenizer(export_dir)
     except (OSError, ValueError) as exc:

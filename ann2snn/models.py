@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import CheckpointError, ConfigError, ModelNotFoundError, NumericalError, UnsupportedModelError
+from .placement import place
 
 EMBEDDED_MODEL = "qwen2-tiny"
 HUB_TIMEOUT_S = 3.0
@@ -126,8 +127,9 @@ def check_finite(model: torch.nn.Module) -> None:
             raise NumericalError(f"weight {name} holds NaN or Inf; the checkpoint is damaged")
 
 
-def load_ann(folder: Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer) from a checked local folder, in eval mode."""
+def load_ann(folder: Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+             device_map: str | None = None):
+    """(model, tokenizer) from a checked local folder, in eval mode, placed by `device_map` (`ann2snn.placement`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     read_config(folder, trust_remote_code)
@@ -144,6 +146,7 @@ def load_ann(folder: Path, dtype: torch.dtype | None = None, trust_remote_code: 
     if problems:
         raise CheckpointError(f"the weights in {folder} do not match config.json ({'; '.join(sorted(problems)[:3])}); the checkpoint is damaged")
     check_finite(model)
+    place(model, device_map)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:

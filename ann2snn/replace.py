@@ -9,6 +9,7 @@ neurons get placeholder steps that the export's weights then overwrite.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -140,6 +141,16 @@ def matches(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, Rule
     return found
 
 
+def _device_of(model: nn.Module, name: str) -> torch.device:
+    """The device of the named module's first parameter or buffer, else of its nearest ancestor's (SiLU has none)."""
+    while True:
+        module = model.get_submodule(name)
+        tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+        if tensor is not None or not name:
+            return tensor.device if tensor is not None else torch.device("cpu")
+        name = name.rpartition(".")[0]
+
+
 def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sinks: dict | None = None) -> nn.Module:
     """Swap in the recipe's SNN modules, in place; returns the model.
 
@@ -155,6 +166,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sink
         replacement = REPLACEMENTS[rule.replace_with].build(name, module, rule, ctx)
         if replacement is not module:
             parent_name, _, child = name.rpartition(".")
+            # built from CPU statistics: the new buffers go where the replaced module runs (a placed model stays placed)
+            replacement.to(_device_of(model, name))
             setattr(model.get_submodule(parent_name), child, replacement)
     if any(rule.replace_with == "spiking_attention" for _, _, rule in found):
         model.config._attn_implementation = ATTENTION_NAME

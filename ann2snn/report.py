@@ -80,6 +80,7 @@ from .errors import CheckpointError, ConfigError
 from .modules.attention import SNNMatmul, SpikingAttention
 from .modules.neuron import SignedNeuron, SpikeTrain, set_simulation
 from .modules.synapsis import Synapsis, SynapticWeights
+from .placement import place
 
 REPORT_VERSION = 1
 _HORIZON = SimpleEnergyCostConfig.fp32()  # 45 nm, 32-bit float: E_MAC 4.6 pJ, E_AC 0.9 pJ
@@ -551,8 +552,8 @@ def ann_from_export(folder: str | Path):
     return model.eval()
 
 
-def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0):
-    """The export converted again at `timesteps`, from its own weights and calibration statistics."""
+def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: str | None = None):
+    """The export converted again at `timesteps`, from its own weights and calibration statistics, placed by `device_map`."""
     from .calibration.calibrate import load_statistics
     from .convert import convert
     from .export import CALIBRATION_FILE, read_snn_config
@@ -571,9 +572,10 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0):
         # The export's weights already carry its outlier transforms: record them as applied so none is replayed.
         ann.ann2snn_transforms = list(outliers)
         extra["outliers"] = outliers
-    return convert(ann, recipe=options.get("name", "qwen2"), timesteps=timesteps, coding=options.get("coding"),
-                   threshold=options.get("threshold"), statistics=statistics, calibration_info=info, seed=seed,
-                   progress=False, **extra)
+    snn = convert(ann, recipe=options.get("name", "qwen2"), timesteps=timesteps, coding=options.get("coding"),
+                  threshold=options.get("threshold"), statistics=statistics, calibration_info=info, seed=seed,
+                  progress=False, **extra)
+    return place(snn, device_map)
 
 
 def check_timesteps(folder: str | Path, timesteps: list[int]) -> None:
@@ -589,23 +591,24 @@ def check_timesteps(folder: str | Path, timesteps: list[int]) -> None:
 
 def build_reports(folder: str | Path, windows: torch.Tensor, timesteps: list[int] | None = None, *,
                   energy: EnergyModel | None = None, batch_size: int = 4, progress: bool = True,
-                  model=None) -> dict:
+                  model=None, device_map: str | None = None) -> dict:
     """Reports of the export in `folder` at each T (default: its own T), gathered for the writers.
 
     At the export's own T the export itself runs; any other T is the export
-    converted again from its calibration statistics (`rebuild_at`).
+    converted again from its calibration statistics (`rebuild_at`). Models are
+    placed by `device_map` (`ann2snn.placement`).
     """
     from . import load
 
     energy = energy or EnergyModel()
-    model = model if model is not None else load(folder)
+    model = model if model is not None else load(folder, device_map=device_map)
     own = model.ann2snn["recipe"]["timesteps"]
     timesteps = list(dict.fromkeys(timesteps or [own]))
     if timesteps != [own]:
         check_timesteps(folder, timesteps)
     runs = []
     for t in timesteps:
-        snn = model if t == own else rebuild_at(folder, t)
+        snn = model if t == own else rebuild_at(folder, t, device_map=device_map)
         runs.append(build_report(snn, windows, energy=energy, batch_size=batch_size, progress=progress))
         if snn is not model:
             del snn

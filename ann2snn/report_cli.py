@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli_support import clean_errors, positive
+from .cli_support import clean_errors, device_map_option, positive
 
 
 def _timesteps(ctx, param, value):
@@ -48,8 +48,9 @@ def _energy(ctx, param, value):
 @click.option("--e-mac", type=float, default=4.6, show_default=True, callback=_energy, help="Energy of a MAC in pJ (45 nm).")
 @click.option("--e-ac", type=float, default=0.9, show_default=True, callback=_energy, help="Energy of an AC in pJ (45 nm).")
 @click.option("--e-shift", type=float, default=None, callback=_energy, help="Energy of a shift in pJ (default: --e-ac).")
+@device_map_option
 @clean_errors
-def report(export_dir, data, out_dir, timesteps, max_tokens, seq_len, batch_size, e_mac, e_ac, e_shift):
+def report(export_dir, data, out_dir, timesteps, max_tokens, seq_len, batch_size, e_mac, e_ac, e_shift, device_map):
     """Run the export as ANN and as SNN (step simulation) over --data and write report.json, report.md and plots.
 
     Counts every neuron's spikes, the synaptic operations they drive (ACs, and a
@@ -62,19 +63,22 @@ def report(export_dir, data, out_dir, timesteps, max_tokens, seq_len, batch_size
     from . import load, load_tokenizer
     from .calibration.data import read_texts, token_windows
     from .errors import ConfigError
+    from .placement import check_device_map
     from .report import EnergyModel, build_reports, check_timesteps, write_report
 
     out = Path(out_dir)
     if out.exists():
         raise ConfigError(f"report folder {out} already exists; choose another --out")
     energy = EnergyModel(e_mac_pj=e_mac, e_ac_pj=e_ac, e_shift_pj=e_shift)
+    device_map = check_device_map(device_map)
     texts = read_texts(data)
-    model = load(export_dir)
+    model = load(export_dir, device_map=device_map)
     if timesteps:
         check_timesteps(export_dir, timesteps)
     tokenizer = load_tokenizer(export_dir)
     windows = token_windows(tokenizer, texts, seq_len, max_tokens=max_tokens)
-    result = build_reports(export_dir, windows, timesteps, energy=energy, batch_size=batch_size, model=model)
+    result = build_reports(export_dir, windows, timesteps, energy=energy, batch_size=batch_size, model=model,
+                           device_map=device_map)
     folder, plots = write_report(result, out)
     primary = next(r for r in result["runs"] if r["timesteps"] == result["primary_timesteps"])
     if not plots:

@@ -39,7 +39,7 @@ def fold_norms(model) -> None:
     def fold(norm, linears):
         g = norm.weight.float()
         for linear in linears:
-            linear.weight.copy_((linear.weight.float() * g).to(linear.weight.dtype))
+            linear.weight.copy_((linear.weight.float() * g.to(linear.weight.device)).to(linear.weight.dtype))
         norm.weight.fill_(1.0)
 
     for layer in _layers(model):
@@ -75,8 +75,9 @@ def _mul(linear: nn.Linear, right: torch.Tensor | None = None, left: torch.Tenso
     """W ← left·W·right (and the bias b ← b·leftᵀ), in float64 then back."""
     w = linear.weight.double()
     if right is not None:
-        w = w @ right
+        w = w @ right.to(w.device)  # the layer's device: a placed model's layers sit on several
     if left is not None:
+        left = left.to(w.device)
         w = left @ w
         if linear.bias is not None:
             linear.bias.copy_((left @ linear.bias.double()).to(linear.bias.dtype))
@@ -90,7 +91,7 @@ def rotate(model, seed: int = 0) -> None:
     config = model.config
     q = orthogonal(config.hidden_size, seed)
     embed = model.model.embed_tokens
-    embed.weight.copy_((embed.weight.double() @ q).to(embed.weight.dtype))
+    embed.weight.copy_((embed.weight.double() @ q.to(embed.weight.device)).to(embed.weight.dtype))
     head_dim = _layers(model)[0].self_attn.head_dim
     groups = config.num_attention_heads // config.num_key_value_heads
     for index, layer in enumerate(_layers(model)):
@@ -106,6 +107,10 @@ def rotate(model, seed: int = 0) -> None:
     _mul(model.lm_head, right=q)
 
 
+def _divide(norm: nn.Module, s: torch.Tensor) -> None:
+    norm.weight.copy_((norm.weight.double() / s.to(norm.weight.device)).to(norm.weight.dtype))
+
+
 @torch.no_grad()
 def smooth(model, statistics: dict, alpha: float = 0.5) -> None:
     """SmoothQuant-style migration at every Synapsis input, from calibration maxima of the current model."""
@@ -114,22 +119,22 @@ def smooth(model, statistics: dict, alpha: float = 0.5) -> None:
 
     def scales(site: str, consumers: list[nn.Linear]) -> torch.Tensor:
         x = statistics[site]["absmax"].double().clamp_min(1e-5)
-        w = torch.stack([c.weight.double().abs().amax(0) for c in consumers]).amax(0).clamp_min(1e-5)
-        return (x.pow(alpha) / w.pow(1 - alpha)).clamp(1e-2, 1e2)
+        w = torch.stack([c.weight.double().abs().amax(0).cpu() for c in consumers]).amax(0).clamp_min(1e-5)
+        return (x.pow(alpha) / w.pow(1 - alpha)).clamp(1e-2, 1e2)  # on the CPU, as the statistics
 
     def scale_columns(linears, s):
         for linear in linears:
-            linear.weight.copy_((linear.weight.double() * s).to(linear.weight.dtype))
+            linear.weight.copy_((linear.weight.double() * s.to(linear.weight.device)).to(linear.weight.dtype))
 
     for index, layer in enumerate(_layers(model)):
         attn, mlp = layer.self_attn, layer.mlp
         prefix = f"model.layers.{index}"
         s = scales(f"{prefix}.self_attn.q_proj", [attn.q_proj, attn.k_proj, attn.v_proj])
-        layer.input_layernorm.weight.copy_((layer.input_layernorm.weight.double() / s).to(layer.input_layernorm.weight.dtype))
+        _divide(layer.input_layernorm, s)
         scale_columns([attn.q_proj, attn.k_proj, attn.v_proj], s)
         s = scales(f"{prefix}.mlp.gate_proj", [mlp.gate_proj, mlp.up_proj])
         norm = layer.post_attention_layernorm
-        norm.weight.copy_((norm.weight.double() / s).to(norm.weight.dtype))
+        _divide(norm, s)
         scale_columns([mlp.gate_proj, mlp.up_proj], s)
         s = scales(f"{prefix}.mlp.down_proj", [mlp.down_proj])
         _mul(mlp.up_proj, left=torch.diag(1 / s))
