@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 import ann2snn
@@ -18,6 +19,7 @@ from ann2snn.evaluate import compare, logits_over, perplexity as ppl
 from ann2snn.finetune import finetune
 from ann2snn.finetune import distill as distill_module
 from ann2snn.finetune.ste import calibrated_neurons, differentiable_neurons, ste_quantise
+from ann2snn.finetune.common import swapped_weights, synapses, synaptic_parameters
 from ann2snn.finetune.stdp import STDPRule, stdp_window
 from ann2snn.models import embedded_model_path
 from ann2snn.modules.neuron import SignedNeuron
@@ -174,6 +176,45 @@ def test_stdp_does_not_grow_the_held_out_gap(converted):
         assert figures["mean_abs_dw"] > 0
     for key in ("mean_abs_dw", "thresholds_changed", "ppl_snn_before", "ppl_snn_after", "kl_before", "kl_after"):
         assert key in figures
+
+
+@pytest.mark.parametrize("teacher", ["local", "network"])
+def test_stdp_teaching_current_is_desired_minus_actual(converted, teacher):
+    """local: y* = W₀·x + b on the Synapsis' own float input; network: y* = the same layer's output in the ANN."""
+    snn, tokenizer, held_out, _ = converted
+    model = _copy(snn)
+    synaptic = synaptic_parameters(model)
+    originals = {name: p.detach().clone() for name, p in synaptic.items()}
+    with torch.no_grad():  # the weights have drifted from W₀: the teacher must use W₀, the output the drifted ones
+        for name, param in synaptic.items():
+            param.mul_(1.01)
+    rule = STDPRule(model, lr=8.0, synaptic=synaptic, originals=originals, held_out=None, teacher=teacher)
+    name, synapsis = synapses(model)[3]
+    errors, seen = [], {}
+    rule.eligibility = lambda pre, error, code: errors.append(error) or torch.zeros(1)
+    ids = held_out[:2]
+    hook = synapsis.register_forward_hook(lambda m, a, out: seen.update(x=a[0].detach(), y=out.detach()))
+    rule.collect(ids)
+    hook.remove()
+    error = errors[3]
+    if teacher == "local":
+        desired = F.linear(seen["x"], originals[f"{name}.synapse.weight"], synapsis.synapse.bias)
+    else:
+        with torch.no_grad(), swapped_weights(synaptic, originals):
+            ann2snn.set_simulation(model, "ann")
+            hook = synapsis.register_forward_hook(lambda m, a, out: seen.update(ann=out.detach()))
+            model(input_ids=ids)
+            hook.remove()
+            ann2snn.set_simulation(model, "fast")
+        desired = seen["ann"]
+    torch.testing.assert_close(error, desired - seen["y"])
+    assert error.abs().max() > 0
+
+
+def test_stdp_refuses_an_unknown_teacher(converted):
+    snn, tokenizer, _, _ = converted
+    with pytest.raises(ConfigError, match="teacher must be one of local, network"):
+        finetune(_copy(snn), tokenizer, TRAIN, rule="stdp", steps=1, seq_len=SEQ, progress=False, teacher="oracle")
 
 
 def test_resume_continues_from_the_checkpoint(converted, tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     (distill: schedule, hidden, scale_lr, softmax, warmup — see
     `ann2snn.finetune.distill`; stdp: a_plus, a_minus, tau_plus, tau_minus,
     beta, baseline_decay, anchor, threshold_rate, target_rate, accumulate,
-    min_improvement). `max_tokens` caps the text used.
+    min_improvement, teacher). `max_tokens` caps the text used.
 
     With `checkpoint_dir`, the state (thresholds, changed weights, optimizer
     state, step, RNG) is written there every `checkpoint_every` steps and at the
