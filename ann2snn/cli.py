@@ -82,10 +82,13 @@ def main():
 @click.option("--finetune-data", type=click.Path(), default=None, help="Text to fine-tune on (default: the calibration text).")
 @click.option("--finetune-steps", type=int, default=None, callback=positive, help="Fine-tuning batches (default 200).")
 @click.option("--finetune-rule", type=click.Choice(FINETUNE_RULES), default=None, help="distill (default) or stdp.")
+@click.option("--layer-by-layer", is_flag=True,
+              help="Hold one decoder layer in memory at a time (checkpoints larger than memory); no --outliers.")
 @device_map_option
 @clean_errors
 def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, outliers, recipe,
-            dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, device_map):
+            dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
+            device_map):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
 
     MODEL is a local checkpoint folder, a hub id (Qwen/Qwen2.5-3B), a short name
@@ -98,6 +101,9 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
 
     Under torchrun each process calibrates on its share of the text; with
     --device-map cuda or auto, each on its own GPU (LOCAL_RANK).
+
+    --layer-by-layer reads, calibrates, converts and writes one decoder layer
+    at a time (the same export; see ann2snn/layerwise.py).
     """
     import shutil
     from pathlib import Path
@@ -131,6 +137,10 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
         finetune_rule = finetune_rule or "distill"
         finetune_steps = finetune_steps or 200
     folder = resolve_model(model)
+    if layer_by_layer:
+        _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, calib_samples, seq_len, calib_stats,
+                                dtype, seed, overwrite, trust_remote_code, finetune, device_map)
+        return
     ann, tokenizer = load_ann(str(folder), parse_dtype(dtype), trust_remote_code, device_map)
     main_process = _init_distributed()  # under torchrun: calibrate on every process, export from the first
 
@@ -177,15 +187,38 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     resume.unlink(missing_ok=True)
     if finetune:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    summary = snn.ann2snn["recipe"]
-    click.echo(f"converted {model} → {out} (recipe {summary['name']}, {summary['coding']} coding, T={summary['timesteps']}, "
-               f"{summary['levels']} levels, thresholds: {summary['threshold']} ×{summary['headroom']:g}, "
-               f"outliers: {','.join(summary['outliers']) or 'none'})")
+    _report_conversion(model, out, snn.ann2snn["recipe"])
     if finetune:
         click.echo(f"fine-tuned ({finetune_rule}, {finetune_steps} steps): held-out perplexity ANN {figures['ppl_ann']:.3f}  "
                    f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                    f"(gap closed {gap_reduction(figures):.1f}%)"
                    + ("; it made the held-out loss worse, so it was undone" if figures["reverted"] else ""))
+
+
+def _report_conversion(model, out, summary) -> None:
+    click.echo(f"converted {model} → {out} (recipe {summary['name']}, {summary['coding']} coding, T={summary['timesteps']}, "
+               f"{summary['levels']} levels, thresholds: {summary['threshold']} ×{summary['headroom']:g}, "
+               f"outliers: {','.join(summary['outliers']) or 'none'})")
+
+
+def _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, calib_samples, seq_len, calib_stats, dtype,
+                            seed, overwrite, trust_remote_code, finetune, device_map) -> None:
+    import os
+
+    from .errors import ConfigError
+    from .layerwise import convert_layer_by_layer
+    from .models import load_tokenizer_from, parse_dtype
+
+    refused = [flag for flag, given in (("--finetune", finetune), ("--calib-stats", calib_stats is not None),
+                                        ("--device-map", device_map not in (None, "cpu")),
+                                        ("torchrun", int(os.environ.get("WORLD_SIZE", "1")) > 1)) if given]
+    if refused:
+        raise ConfigError(f"--layer-by-layer does not combine with {', '.join(refused)}; drop one of them")
+    tokenizer = load_tokenizer_from(folder, trust_remote_code)
+    meta = convert_layer_by_layer(folder, out, tokenizer, recipe=recipe, calib_data=calib_data, calib_samples=calib_samples,
+                                  seq_len=seq_len, seed=seed, dtype=parse_dtype(dtype), overwrite=overwrite,
+                                  trust_remote_code=trust_remote_code, **options)
+    _report_conversion(model, out, meta["recipe"])
 
 
 @main.command()

@@ -72,9 +72,18 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, shard_bytes: in
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
+        weight_map.update(write_shard(folder, shard, i, len(shards)))
+    write_shard_index(folder, weight_map)
+
+
+def write_shard(folder: Path, tensors: dict[str, torch.Tensor], index: int, count: int) -> dict[str, str]:
+    """Write shard `index` of `count` (counted from 1); returns {tensor name: file name} for the index."""
+    file = f"model-{index:05d}-of-{count:05d}.safetensors"
+    save_file(tensors, str(folder / file), metadata={"format": "pt"})
+    return {name: file for name in tensors}
+
+
+def write_shard_index(folder: Path, weight_map: dict[str, str]) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2, sort_keys=True))
 
 
@@ -87,19 +96,25 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False,
     if out.exists() and not overwrite:
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     with atomic_folder(out, CheckpointError, overwrite) as tmp:
-        model.config.save_pretrained(tmp)
         _write_weights(_unique_state(model), tmp, shard_bytes)
-        if meta.get("statistics") is not None:
-            from .calibration.calibrate import save_statistics
-
-            save_statistics(meta["statistics"], tmp / CALIBRATION_FILE, meta["calibration"])
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
-        snn_config = {key: value for key, value in meta.items() if key != "statistics"}
-        snn_config.update({"format_version": FORMAT_VERSION, "ann2snn_version": __version__, "files": files})
-        (tmp / SNN_CONFIG).write_text(json.dumps(snn_config, indent=2, sort_keys=True) + "\n")
+        write_beside_weights(tmp, model.config, meta, tokenizer)
     return out
+
+
+def write_beside_weights(folder: Path, config, meta: dict, tokenizer=None) -> None:
+    """The rest of an export, once its weights are in `folder`: config, statistics, tokenizer, and
+    snn_config.json with the SHA-256 of every file (written last)."""
+    config.save_pretrained(folder)
+    if meta.get("statistics") is not None:
+        from .calibration.calibrate import save_statistics
+
+        save_statistics(meta["statistics"], folder / CALIBRATION_FILE, meta["calibration"])
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    files = {p.name: sha256(p) for p in sorted(folder.iterdir())}
+    snn_config = {key: value for key, value in meta.items() if key != "statistics"}
+    snn_config.update({"format_version": FORMAT_VERSION, "ann2snn_version": __version__, "files": files})
+    (folder / SNN_CONFIG).write_text(json.dumps(snn_config, indent=2, sort_keys=True) + "\n")
 
 
 def read_snn_config(folder: Path) -> dict:

@@ -130,7 +130,7 @@ def check_finite(model: torch.nn.Module) -> None:
 def load_ann(folder: Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
              device_map: str | None = None):
     """(model, tokenizer) from a checked local folder, in eval mode, placed by `device_map` (`ann2snn.placement`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     read_config(folder, trust_remote_code)
     check_weight_files(folder)
@@ -147,8 +147,14 @@ def load_ann(folder: Path, dtype: torch.dtype | None = None, trust_remote_code: 
         raise CheckpointError(f"the weights in {folder} do not match config.json ({'; '.join(sorted(problems)[:3])}); the checkpoint is damaged")
     check_finite(model)
     place(model, device_map)
+    return model.eval(), load_tokenizer_from(folder, trust_remote_code)
+
+
+def load_tokenizer_from(folder: Path, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, with a one-line error when its files are missing or broken."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise CheckpointError(f"cannot load the tokenizer in {folder} ({type(exc).__name__}); the folder needs its tokenizer files") from None
-    return model.eval(), tokenizer

@@ -151,15 +151,17 @@ def _device_of(model: nn.Module, name: str) -> torch.device:
         name = name.rpartition(".")[0]
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sinks: dict | None = None) -> nn.Module:
+def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sinks: dict | None = None,
+                 within: str = "") -> nn.Module:
     """Swap in the recipe's SNN modules, in place; returns the model.
 
     `sinks` (from `attention_sink.compute_sinks`) fills the attention sink's
     constants; without them (loading an export) they are placeholders that the
-    export's weights overwrite.
+    export's weights overwrite. `within` (a module name such as
+    "model.layers.3") limits the swap to that module (layer-by-layer conversion).
     """
     ctx = BuildContext(recipe, recipe.code, model.config, statistics, sinks)
-    found = matches(model, recipe)
+    found = [m for m in matches(model, recipe) if not within or m[0].startswith(within + ".")]
     if not found:
         raise RuntimeError(f"recipe {recipe.name!r} matched no module of {type(model).__name__}")
     for name, module, rule in found:

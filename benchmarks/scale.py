@@ -1,7 +1,7 @@
 """Does `ann2snn convert` scale to a 3B model? Wall time and peak memory on a Qwen2.5-3B-shaped checkpoint.
 
     python benchmarks/scale.py [--work DIR] [--calib-samples 8] [--seq-len 128] [--skip-ann] [--skip-convert]
-                               [--layers 36]
+                               [--layers 36] [--layer-by-layer]
 
 ``--layers N`` builds (and caches separately) the same configuration with N
 decoder layers instead of 36: a quicker check of memory changes, not the
@@ -252,6 +252,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=QWEN25_3B["num_hidden_layers"],
                         help="decoder layers of the random checkpoint (36 = Qwen2.5-3B; fewer for a quick check)")
     parser.add_argument("--keep-export", action="store_true", help="keep the converted export (else deleted to free disk)")
+    parser.add_argument("--layer-by-layer", action="store_true", help="convert with --layer-by-layer (one decoder layer in memory)")
     parser.add_argument("--_worker", choices=["build", "ann"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -302,6 +303,7 @@ def main() -> None:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "ann2snn.cli", "convert", str(ckpt), "--out", str(out),
                 "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "--dtype", "bfloat16"]
+        argv += ["--layer-by-layer"] if args.layer_by_layer else []
         print(f"\n[convert] {' '.join(argv[1:])}", flush=True)
         run = Watched(argv, watch_dir=args.work, out_name=out.name)
         result = run.wait()

@@ -7,6 +7,7 @@ Statistics are a dict site → {"absmax", "p99.9", "top", "sample", "tokens"} an
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import inspect
@@ -63,26 +64,41 @@ def collect_statistics(model, recipe: Recipe, windows: torch.Tensor, batch_size:
     if distributed:
         windows = windows[dist.get_rank()::dist.get_world_size()]
         seed = seed + dist.get_rank()  # independent reservoirs, merged by priority
+    found = matches(model, recipe)
+    device = next(model.parameters()).device
+    extra = _skip_logits(model, found)
+    with observing(model, found, total_tokens, reservoir, seed) as observers:
+        if not observers:
+            return {}
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibrating", unit="batch", disable=not progress):
+            model(input_ids=windows[start:start + batch_size].to(device), use_cache=False, **extra)
+    if distributed:
+        for observer in observers.values():
+            observer.merge_across_processes()
+    return hand_over(observers)
+
+
+@contextlib.contextmanager
+def observing(model, found: list, total_tokens: int, reservoir: int = 256, seed: int = 0):
+    """Observers on the sites of `found` (from `matches`), with the calibration attention on; yields {site: observer}.
+
+    `total_tokens`: how many tokens the observers will see in all (it sizes the
+    percentile's top-k). Run the model (or some of its layers) inside the block.
+    """
     observers: dict[str, ChannelObserver] = {}
     handles = []
-    found = matches(model, recipe)
     for name, module, rule in found:
         replacement = REPLACEMENTS[rule.replace_with]
         for site in replacement.sites(name, module):
             observers[site] = ChannelObserver(site, total_tokens, reservoir, seed)
         handles += replacement.observe(name, module, observers)
-    if not observers:
-        return {}
     # after each observed module: hand the heap's freed blocks back, or glibc's fragmentation grows the
     # resident memory by every layer's transients until the batch ends (measured: +60 MB a layer at 3B shape)
     handles += [module.register_forward_hook(lambda *_: trim_heap()) for _, module, _ in found]
     previous = model.config._attn_implementation
     model.config._attn_implementation = CALIBRATION_ATTENTION
-    device = next(model.parameters()).device
-    extra = _skip_logits(model, found)
     try:
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibrating", unit="batch", disable=not progress):
-            model(input_ids=windows[start:start + batch_size].to(device), use_cache=False, **extra)
+        yield observers
     finally:
         model.config._attn_implementation = previous
         for handle in handles:
@@ -90,11 +106,12 @@ def collect_statistics(model, recipe: Recipe, windows: torch.Tensor, batch_size:
         for _, module, _ in found:
             if hasattr(module, "ann2snn_observers"):
                 del module.ann2snn_observers
-    if distributed:
-        for observer in observers.values():
-            observer.merge_across_processes()
+
+
+def hand_over(observers: dict[str, ChannelObserver]) -> dict[str, dict[str, torch.Tensor]]:
+    """The observers' statistics; each observer goes as its statistics come, so no reservoir is held twice."""
     statistics = {}
-    for site in list(observers):  # each observer goes as its statistics come: no reservoir is held twice
+    for site in list(observers):
         statistics[site] = observers.pop(site).statistics()
     release_memory()
     return statistics

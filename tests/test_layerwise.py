@@ -1,0 +1,112 @@
+"""Layer-by-layer conversion writes the export that whole-model conversion writes, one layer in memory at a time."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import ann2snn
+from ann2snn.errors import ConfigError
+from ann2snn.layerwise import convert_layer_by_layer
+
+from conftest import SMALL, make_checkpoint, make_tokenizer
+
+OPTIONS = dict(calib_samples=4, seq_len=32)
+
+
+def _bf16_sharded(folder, tie: bool, model_class=None, config_class=None):
+    """A bf16 checkpoint in several shards (as large checkpoints come)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(1)
+    model = (model_class or Qwen2ForCausalLM)((config_class or Qwen2Config)(**{**SMALL, "tie_word_embeddings": tie}))
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="60KB")
+    make_tokenizer(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def _both(folder, tmp_path, **options):
+    ann, tokenizer = ann2snn.load_ann(str(folder))
+    ann2snn.save(ann2snn.convert(ann, tokenizer, progress=False, **OPTIONS, **options), tmp_path / "whole", tokenizer)
+    convert_layer_by_layer(folder, tmp_path / "layers", tokenizer, progress=False, **OPTIONS, **options)
+    return tmp_path / "whole", tmp_path / "layers"
+
+
+def _assert_same_export(whole, layers):
+    a, b = ann2snn.load(whole), ann2snn.load(layers)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+    ca, cb = (json.loads((f / "snn_config.json").read_text()) for f in (whole, layers))
+    assert {k: v for k, v in ca.items() if k != "files"} == {k: v for k, v in cb.items() if k != "files"}
+    sa, sb = load_file(whole / "calibration.safetensors"), load_file(layers / "calibration.safetensors")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert json.loads((whole / "config.json").read_text()) == json.loads((layers / "config.json").read_text())
+    return a, b
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_layer_by_layer_gives_the_whole_model_export(tmp_path, tie):
+    folder = _bf16_sharded(tmp_path / "ckpt", tie)
+    whole, layers = _both(folder, tmp_path, timesteps=6)
+    a, b = _assert_same_export(whole, layers)
+    assert next(b.parameters()).dtype == torch.bfloat16  # the checkpoint's dtype, as dtype="auto"
+    # one shard per decoder layer, plus one for the embedding, norm and head
+    shards = sorted(p.name for p in layers.glob("model-*.safetensors"))
+    assert len(shards) == SMALL["num_hidden_layers"] + 1
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_layer_by_layer_takes_llama_and_the_recipe_options(tmp_path):
+    folder = make_checkpoint(tmp_path / "llama", LlamaConfig, LlamaForCausalLM, seed=3)
+    _assert_same_export(*_both(folder, tmp_path, timesteps=4, coding="rate", threshold="max", headroom=1.5))
+
+
+def test_layer_by_layer_refuses_outlier_handling_and_leaves_nothing(qwen2_checkpoint, tmp_path):
+    _, tokenizer = ann2snn.load_ann(str(qwen2_checkpoint))
+    with pytest.raises(ConfigError, match="without outlier handling"):
+        convert_layer_by_layer(qwen2_checkpoint, tmp_path / "out", tokenizer, outliers=("rotate",), progress=False, **OPTIONS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_layer_by_layer_conversion_leaves_nothing(qwen2_checkpoint, tmp_path, monkeypatch):
+    import ann2snn.layerwise as layerwise
+
+    _, tokenizer = ann2snn.load_ann(str(qwen2_checkpoint))
+    calls = {"n": 0}
+    real = layerwise.write_shard
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the first layer's shard is on disk
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_layer_by_layer(qwen2_checkpoint, tmp_path / "out", tokenizer, progress=False, **OPTIONS)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_layer_by_layer_converts_and_refuses_what_it_cannot_combine(qwen2_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from ann2snn.cli import main
+
+    runner = CliRunner()
+    base = ["convert", str(qwen2_checkpoint), "--layer-by-layer", "--calib-samples", "4", "--seq-len", "32"]
+    result = runner.invoke(main, base + ["--out", str(tmp_path / "snn"), "--timesteps", "6"])
+    assert result.exit_code == 0, result.output
+    assert "converted" in result.output and ann2snn.load(tmp_path / "snn").ann2snn["recipe"]["timesteps"] == 6
+    for extra, message in ((["--finetune"], "does not combine with --finetune"),
+                           (["--outliers", "auto"], "without outlier handling")):
+        result = runner.invoke(main, base + ["--out", str(tmp_path / "refused")] + extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "refused").exists()
