@@ -553,13 +553,22 @@ def ann_from_export(folder: str | Path):
 
 
 def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: str | None = None):
-    """The export converted again at `timesteps`, from its own weights and calibration statistics, placed by `device_map`."""
+    """The export converted again at `timesteps`, from its own weights and calibration statistics, placed by `device_map`.
+
+    Thresholds: an export whose rule and headroom are the recipe's level-table
+    defaults at its own T is rebuilt with the table's defaults at `timesteps`
+    (as `convert --timesteps` would choose them); any other rule and headroom are kept.
+    """
     from .calibration.calibrate import load_statistics
     from .convert import convert
     from .export import CALIBRATION_FILE, read_snn_config
+    from .recipes import get_recipe
 
     folder = Path(folder)
     options = read_snn_config(folder)["recipe"]
+    own = get_recipe(options.get("name", "qwen2")).with_options(coding=options.get("coding"), timesteps=options.get("timesteps"))
+    chosen = (options.get("threshold"), options.get("headroom"))
+    threshold, headroom = (None, None) if chosen == (own.chosen_threshold, own.chosen_headroom) else chosen
     stats_file = folder / CALIBRATION_FILE
     if not stats_file.is_file():
         raise CheckpointError(f"{folder} has no {CALIBRATION_FILE}, so it cannot be rebuilt at T={timesteps}; "
@@ -573,7 +582,7 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
         ann.ann2snn_transforms = list(outliers)
         extra["outliers"] = outliers
     snn = convert(ann, recipe=options.get("name", "qwen2"), timesteps=timesteps, coding=options.get("coding"),
-                  threshold=options.get("threshold"), statistics=statistics, calibration_info=info, seed=seed,
+                  threshold=threshold, headroom=headroom, statistics=statistics, calibration_info=info, seed=seed,
                   progress=False, **extra)
     return place(snn, device_map)
 

@@ -193,6 +193,18 @@ def test_rebuild_at_own_timesteps_reproduces_the_export(exported):
     assert other.model.layers[0].self_attn.q_proj.neuron.code.timesteps == 6
 
 
+def test_rebuild_at_another_t_follows_the_level_table_unless_the_export_chose(qwen2_checkpoint, tmp_path):
+    """Defaults at T=4 (mse ×1) become the table's defaults at T=9 (max ×2); a chosen headroom stays."""
+    for name, extra in (("defaults", []), ("chosen", ["--headroom", "3"])):
+        result = run("convert", qwen2_checkpoint, "--out", tmp_path / name, "--calib-samples", 4, "--seq-len", 32,
+                     "--timesteps", 4, *extra)
+        assert result.exit_code == 0, result.output
+    table = rebuild_at(tmp_path / "defaults", 9).ann2snn["recipe"]
+    assert (table["threshold"], table["headroom"]) == ("max", 2.0)
+    kept = rebuild_at(tmp_path / "chosen", 9).ann2snn["recipe"]
+    assert (kept["threshold"], kept["headroom"]) == ("mse", 3.0)
+
+
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
