@@ -77,7 +77,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .errors import CheckpointError, ConfigError
-from .modules.attention import SNNMatmul, SpikingAttention
+from .modules.attention import SNNMatmul, SpikingAttention, group_heads, head_groups
 from .modules.neuron import SignedNeuron, SpikeTrain, set_simulation
 from .modules.synapsis import Synapsis, SynapticWeights
 from .placement import place
@@ -196,9 +196,15 @@ def synapsis_counts(train: SpikeTrain, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def matmul_counts(a: SpikeTrain, b: SpikeTrain) -> dict:
-    """ACs and shifts of snn_matmul(a, b): a spikes [T, ..., M, K], b spikes [T, ..., K, N] (see CONVENTIONS)."""
-    m, n = a.spikes.shape[-2], b.spikes.shape[-1]
-    batch_a, batch_b = a.spikes.shape[1:-2], b.spikes.shape[1:-2]
+    """ACs and shifts of snn_matmul(a, b): a spikes [T, ..., M, K], b spikes [T, ..., K, N] (see CONVENTIONS).
+
+    Grouped-query heads (a with g times b's heads) count as snn_matmul runs them:
+    the g heads' rows stacked against one head of b, whose running sum is kept once.
+    """
+    groups = head_groups(a.spikes.shape[1:], b.spikes.shape[1:])
+    a_spikes = group_heads(a.spikes, groups) if groups > 1 else a.spikes
+    m, n = a_spikes.shape[-2], b.spikes.shape[-1]
+    batch_a, batch_b = a_spikes.shape[1:-2], b.spikes.shape[1:-2]
     batch = torch.broadcast_shapes(batch_a, batch_b)
     repeat_a = math.prod(batch) // math.prod(batch_a)  # broadcast batch dims: a spike meets each copy
     repeat_b = math.prod(batch) // math.prod(batch_b)

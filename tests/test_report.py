@@ -257,3 +257,16 @@ def test_cli_errors_are_one_line_and_write_nothing(case, exported, tmp_path):
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_snn_matmul_counts_grouped_query_heads_as_run():
+    """a with 2 heads per head of b: b's spikes meet both heads' rows; b's running sum is kept once, not per copy."""
+    torch.manual_seed(0)
+    a = _train(torch.randint(-1, 2, (2, 1, 4, 3, 2)).tolist(), [2, 1])  # [T, B, H=4, M=3, K=2]
+    b = _train(torch.randint(-1, 2, (2, 1, 2, 2, 5)).tolist(), [2, 1])  # [T, B, KVH=2, K=2, N=5]
+    repeated = _train(b.spikes.repeat_interleave(2, dim=2).tolist(), [2, 1])
+    grouped, copied = matmul_counts(a, b), matmul_counts(a, repeated)
+    b_spikes = int(b.spikes.abs().sum())
+    assert grouped["ac"] == copied["ac"] - b_spikes  # the copy's second running sum is gone
+    b_shifted = int(b.spikes[0].abs().sum())  # weight 2 at t = 0 is the shifted step
+    assert grouped["shifts"] == copied["shifts"] - b_shifted

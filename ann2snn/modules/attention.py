@@ -50,16 +50,16 @@ def snn_matmul(a: torch.Tensor | SpikeTrain, b: torch.Tensor | SpikeTrain) -> to
     (as `repeat_interleave(g, dim=-3)` of b would give), by a reshape of a.
     """
     if not isinstance(a, SpikeTrain) and not isinstance(b, SpikeTrain):
-        groups = _head_groups(a.shape, b.shape)
+        groups = head_groups(a.shape, b.shape)
         if groups == 1:
             return torch.matmul(a, b)
-        return _ungroup(torch.matmul(_group(a, groups), b), groups)
+        return ungroup_heads(torch.matmul(group_heads(a, groups), b), groups)
     if not (isinstance(a, SpikeTrain) and isinstance(b, SpikeTrain)):
         raise TypeError("snn_matmul needs two spike trains or two dense tensors")
     a_t, b_t = a.values(), b.values()
-    groups = _head_groups(a_t.shape[1:], b_t.shape[1:])
+    groups = head_groups(a_t.shape[1:], b_t.shape[1:])
     if groups > 1:
-        a_t = _group(a_t, groups)
+        a_t = group_heads(a_t, groups)
     batch = torch.broadcast_shapes(a_t.shape[1:-2], b_t.shape[1:-2])
     m, k, n = a_t.shape[-2], a_t.shape[-1], b_t.shape[-1]
     dtype = torch.promote_types(a_t.dtype, b_t.dtype)
@@ -75,10 +75,10 @@ def snn_matmul(a: torch.Tensor | SpikeTrain, b: torch.Tensor | SpikeTrain) -> to
         if t + 1 < a_t.shape[0]:
             b_before.add_(b_t[t])
     out = out.reshape(batch + (m, n))
-    return _ungroup(out, groups) if groups > 1 else out
+    return ungroup_heads(out, groups) if groups > 1 else out
 
 
-def _head_groups(a_shape, b_shape) -> int:
+def head_groups(a_shape, b_shape) -> int:
     """g when a's dim −3 (heads) is g > 1 times b's and the other batch dims agree; else 1."""
     if len(a_shape) < 3 or len(a_shape) != len(b_shape) or a_shape[:-3] != b_shape[:-3]:
         return 1
@@ -86,12 +86,12 @@ def _head_groups(a_shape, b_shape) -> int:
     return heads // kv_heads if heads != kv_heads and kv_heads > 0 and heads % kv_heads == 0 else 1
 
 
-def _group(x: torch.Tensor, groups: int) -> torch.Tensor:
+def group_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[..., H, m, k] → [..., H/g, g·m, k]: the g heads sharing one key/value head, stacked along rows."""
     return x.reshape(x.shape[:-3] + (x.shape[-3] // groups, groups * x.shape[-2], x.shape[-1]))
 
 
-def _ungroup(x: torch.Tensor, groups: int) -> torch.Tensor:
+def ungroup_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(x.shape[:-3] + (x.shape[-3] * groups, x.shape[-2] // groups, x.shape[-1]))
 
 
@@ -156,9 +156,10 @@ class SpikingAttention(nn.Module):
         q = self.q_neuron(query.transpose(1, 2))
         k = self.k_neuron(key.transpose(1, 2))
         v = self.v_neuron(value.transpose(1, 2))
+        # k and v keep their kv_heads: snn_matmul shares each among its group of query heads (no copies)
         q = _apply(q, lambda x: x.transpose(-3, -2))
-        k = _apply(k, lambda x: x.transpose(-3, -2).repeat_interleave(self.groups, dim=-3).transpose(-1, -2))
-        v = _apply(v, lambda x: x.transpose(-3, -2).repeat_interleave(self.groups, dim=-3))
+        k = _apply(k, lambda x: x.transpose(-3, -2).transpose(-1, -2))
+        v = _apply(v, lambda x: x.transpose(-3, -2))
         scores = self.qk(q, k) * scaling
         sink = self.sink_tokens and self.simulation != "ann"
         if sink:
