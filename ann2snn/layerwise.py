@@ -138,6 +138,7 @@ def _layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[t
     return captured
 
 
+@torch.no_grad()  # the hidden states carried between layers must not hold every earlier layer's graph
 def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, recipe: str | Recipe = "qwen2",
                            timesteps: int | None = None, coding: str | None = None, threshold: str | None = None,
                            headroom: float | None = None, outliers: tuple[str, ...] | None = None, calib_data: str | Path | None = None, calib_samples: int = 32,
@@ -189,6 +190,7 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, re
                 inputs = [(layers[index](hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
             statistics.update(hand_over(observers))
             apply_recipe(model, recipe, statistics, within=prefix)
+            del found  # the replaced ANN modules: they still hold this layer's weights
             state = {f"{prefix}.{name}": t.detach().contiguous() for name, t in layers[index].state_dict().items()}
             weight_map.update(write_shard(tmp, state, index + 1, shards))
             del state

@@ -110,3 +110,33 @@ def test_cli_layer_by_layer_converts_and_refuses_what_it_cannot_combine(qwen2_ch
         result = runner.invoke(main, base + ["--out", str(tmp_path / "refused")] + extra)
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "refused").exists()
+
+
+def test_a_converted_layer_leaves_memory_before_the_next_is_written(tmp_path, monkeypatch):
+    """Each layer's weights are freed once its shard is written (no autograd graph or reference keeps them)."""
+    import gc
+    import weakref
+
+    import ann2snn.layerwise as layerwise
+
+    folder = make_checkpoint(tmp_path / "ckpt", num_hidden_layers=4, tie_word_embeddings=False)
+    _, tokenizer = ann2snn.load_ann(str(folder))
+    weights: dict[int, list] = {}
+    real_apply, real_write = layerwise.apply_recipe, layerwise.write_shard
+
+    def apply(model, recipe, statistics, sinks=None, within=""):
+        layer = int(within.rsplit(".", 1)[1])
+        weights[layer] = [weakref.ref(m.weight) for m in model.get_submodule(within).modules() if isinstance(m, torch.nn.Linear)]
+        return real_apply(model, recipe, statistics, sinks, within)
+
+    alive = []
+
+    def write(folder, tensors, index, count):
+        gc.collect()
+        alive.append(sum(ref() is not None for layer, refs in weights.items() if layer < index - 1 for ref in refs))
+        return real_write(folder, tensors, index, count)
+
+    monkeypatch.setattr(layerwise, "apply_recipe", apply)
+    monkeypatch.setattr(layerwise, "write_shard", write)
+    convert_layer_by_layer(folder, tmp_path / "out", tokenizer, progress=False, **OPTIONS)
+    assert len(alive) == 5 and alive == [0] * 5
