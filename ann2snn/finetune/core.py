@@ -22,7 +22,7 @@ from .ste import calibrated_neurons
 
 RULES = ("distill", "stdp")
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: stdp keeps held-out KL and perplexity, and teaches locally by default
 DISTILL_DEFAULTS = {"schedule": "cosine", "softmax": False, "warmup": 0, "hidden": 1.0, "scale_lr": None}  # see `DistillRule`
 
 
@@ -247,8 +247,11 @@ def _read_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
         raise CheckpointError(f"cannot read the fine-tuning checkpoint {path} ({type(exc).__name__}); delete it to start over") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path} is not an ann2snn fine-tuning checkpoint; delete it to start over")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was written by another ann2snn version (checkpoint format {state['format']}, this "
+                              f"one reads {CHECKPOINT_FORMAT}); delete it to start over")
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(f"the checkpoint in {path.parent} was made with other settings or text "
                               f"({state.get('settings', {}).get('rule')} rule); resume with the same options or delete it")
