@@ -95,3 +95,22 @@ def test_an_export_loads_placed(qwen2_checkpoint, tmp_path):
     ids = _ids(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["convert", "eval", "generate", "report", "finetune"])
+def test_every_command_refuses_a_device_it_cannot_use_in_one_line(command, qwen2_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from ann2snn.cli import main
+
+    args = {"convert": [str(qwen2_checkpoint), "--out", str(tmp_path / "out")],
+            "eval": [str(tmp_path), "--data", str(tmp_path / "x.txt")],
+            "generate": [str(tmp_path), "--prompt", "It was"],
+            "report": [str(tmp_path), "--data", str(tmp_path / "x.txt"), "--out", str(tmp_path / "out")],
+            "finetune": [str(tmp_path), "--data", str(tmp_path / "x.txt"), "--out", str(tmp_path / "out")]}[command]
+    (tmp_path / "x.txt").write_text("Some text to read.")
+    result = CliRunner().invoke(main, [command, *args, "--device-map", "cuda:0"])
+    assert result.exit_code == 2 and result.output.strip() == \
+        "error: device cuda:0 is not available on this machine; use --device-map cpu (or auto)"
+    assert not (tmp_path / "out").exists()
