@@ -39,7 +39,7 @@ from .atomic import atomic_folder
 from .calibration.calibrate import hand_over, observing, release_memory
 from .calibration.data import read_texts, token_windows
 from .convert import _versions
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NumericalError
 from .export import write_beside_weights, write_shard, write_shard_index
 from .models import FINITE_CHUNK, check_weight_files, read_config
 from .recipes import Recipe, check_supported, get_recipe
@@ -93,7 +93,7 @@ class CheckpointTensors:
                                                   "the checkpoint is damaged")
                         tensor.copy_(value)
                         if tensor.is_floating_point() and not all(torch.isfinite(c).all() for c in tensor.reshape(-1).split(FINITE_CHUNK)):
-                            raise CheckpointError(f"weight {key} holds NaN or Inf; the checkpoint is damaged")
+                            raise NumericalError(f"weight {key} holds NaN or Inf; the checkpoint is damaged")
 
 
 def _skeleton(config, dtype: torch.dtype):

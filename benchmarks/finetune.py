@@ -3,7 +3,7 @@
     python benchmarks/finetune.py [CHECKPOINT] [--coding phase] [-T 3] [--steps 200]
         [--rules distill,distill+weights,stdp] [--train-chars 300000] [--max-eval-tokens 8192]
         [--seq-len 128] [--train-seq-len N] [--batch-size 4] [--lr LR] [--calib-samples 32]
-        [--texts heldout.txt,unseen.txt] [--threads 1] [--json OUT.json]
+        [--texts heldout.txt,unseen.txt] [--threads 1] [--json OUT.json] [--options JSON]
 
 CHECKPOINT defaults to the embedded "qwen2-tiny"; any checkpoint that
 ``ann2snn.load_ann`` takes works, e.g. a local Hugging Face folder such as the
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the fine-tune's seed (batch order); the conversion is fixed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='rule options as JSON for every rule run, e.g. \'{"min_improvement": 0.01}\' (see ann2snn.finetune)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rules = args.rules.split(",")
@@ -112,7 +114,8 @@ def main() -> None:
         model = copy.deepcopy(snn)
         model.ann2snn = dict(snn.ann2snn)
         figures = finetune(model, tokenizer, train, steps=args.steps, lr=args.lr, seed=args.seed,
-                           batch_size=args.batch_size, seq_len=train_seq_len, progress=False, **RULES[label])
+                           batch_size=args.batch_size, seq_len=train_seq_len, progress=False, **RULES[label],
+                           **args.options)
         for name, windows in texts.items():
             after = ppl(model, windows, "fast")
             # the float network changes only where the weights did

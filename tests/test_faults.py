@@ -92,8 +92,9 @@ def test_nan_in_activations_names_the_layer(qwen2_checkpoint):
         ann2snn.convert(model, tokenizer, calib_samples=2, seq_len=16, progress=False)
 
 
+@pytest.mark.parametrize("layer_by_layer", [False, True])
 @pytest.mark.parametrize("damage", ["nan_weight", "wrong_shape", "index_names_missing_shard"])
-def test_damaged_checkpoints_are_refused(damage, qwen2_checkpoint, tmp_path):
+def test_damaged_checkpoints_are_refused(damage, layer_by_layer, qwen2_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(qwen2_checkpoint, broken)
     weights = load_file(str(broken / "model.safetensors"))
@@ -107,7 +108,14 @@ def test_damaged_checkpoints_are_refused(damage, qwen2_checkpoint, tmp_path):
     else:
         (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {name: "model-00002-of-00002.safetensors"}}))
     with pytest.raises((CheckpointError, NumericalError), match=name if damage != "index_names_missing_shard" else "model-00002"):
-        ann2snn.load_ann(str(broken))
+        if layer_by_layer:
+            from ann2snn.layerwise import convert_layer_by_layer
+
+            convert_layer_by_layer(broken, tmp_path / "out", ann2snn.load_tokenizer(broken), calib_samples=2,
+                                   seq_len=16, progress=False)
+        else:
+            ann2snn.load_ann(str(broken))
+    assert not (tmp_path / "out").exists()
 
 
 def test_remote_code_is_refused_unless_trusted(qwen2_checkpoint, tmp_path):
