@@ -30,10 +30,13 @@ from .finetune.core import RULES
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same options from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="A rule option, repeatable (stdp: teacher=network, min_improvement=0, a_minus=0.5, ...; "
+                   "distill: schedule=constant, hidden=0, ...); see ann2snn/finetune/.")
 @device_map_option
 @clean_errors
 def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_len, train_weights, checkpoint_every,
-             resume, overwrite, as_json, device_map):
+             resume, overwrite, as_json, options, device_map):
     """Fine-tune the SNN in EXPORT_DIR on --data and export it to --out.
 
     The last windows of --data are held out of training; the figures printed
@@ -48,6 +51,7 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
     from .errors import CheckpointError, ConfigError
     from .export import CALIBRATION_FILE
     from .finetune import finetune as finetune_model, gap_reduction
+    from .finetune.core import check_rule_options
     from .placement import check_device_map
 
     out = Path(out_dir)
@@ -55,6 +59,8 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr must be positive, got {lr}")
+    rule_options = _parse_options(options)
+    check_rule_options(rule, rule_options)
     device_map = check_device_map(device_map)
     texts = read_texts(data)
     model = load(export_dir, device_map=device_map)
@@ -75,7 +81,8 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
     try:
         figures = finetune_model(model, tokenizer, texts, rule=rule, steps=steps, lr=lr, seed=seed,
                                  batch_size=batch_size, seq_len=seq_len, checkpoint_dir=checkpoints, resume=resume,
-                                 train_weights=train_weights, progress=not as_json, checkpoint_every=checkpoint_every)
+                                 train_weights=train_weights, progress=not as_json, checkpoint_every=checkpoint_every,
+                                 **rule_options)
     except KeyboardInterrupt:
         if (checkpoints / "finetune-checkpoint.pt").is_file():
             click.echo(f"the checkpoint in {checkpoints} keeps the progress: rerun with --resume", err=True)
@@ -95,3 +102,19 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
                f"(gap closed {gap_reduction(figures):.1f}%)\n"
                f"KL(ANN‖SNN) {figures['kl_before']:.5f} → {figures['kl_after']:.5f}; {changed}"
                + ("\nthe fine-tune made the held-out loss worse, so it was undone" if figures["reverted"] else ""))
+
+
+def _parse_options(pairs) -> dict:
+    """KEY=VALUE pairs; a VALUE that reads as JSON (0.5, 8, true, null) is that, else it is a string."""
+    from .errors import ConfigError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r} is not KEY=VALUE (e.g. --option teacher=network)")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options

@@ -289,6 +289,24 @@ def test_cli_finetune_writes_a_loadable_export(converted, tmp_path):
     assert missing.exit_code == 2 and missing.output.startswith("error: ")
 
 
+def test_cli_finetune_passes_rule_options_and_refuses_unknown_ones(converted, tmp_path):
+    snn, tokenizer, _, _ = converted
+    source = ann2snn.save(_copy(snn), tmp_path / "snn", tokenizer)
+    data = tmp_path / "text.txt"
+    data.write_text(TRAIN[0][:20000])
+    common = ["finetune", str(source), "--data", str(data), "--rule", "stdp", "--steps", "1", "--seq-len", "32",
+              "--batch-size", "2", "--json"]
+    result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "a"), "--option", "teacher=network",
+                                                "--option", "min_improvement=0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["options"] == {"teacher": "network", "min_improvement": 0}
+    for option, message in (("teacher=oracle", "teacher must be one of local, network"),
+                            ("bogus=1", "takes no option(s) bogus"), ("teacher", "is not KEY=VALUE")):
+        result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "b"), "--option", option])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "b").exists()
+
+
 # --- `ann2snn convert ... --finetune` -----------------------------------------------------------------
 
 def _convert(*args):

@@ -64,8 +64,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     started = time.monotonic()
     _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every,
                    1 if held_out_windows is None else held_out_windows, resume, checkpoint_dir)
-    if rule == "distill" and set(rule_options) - set(DistillRule.options):
-        raise ConfigError(f"rule 'distill' takes no option(s) {', '.join(sorted(set(rule_options) - set(DistillRule.options)))}")
+    check_rule_options(rule, rule_options)
     if rule == "distill":
         rule_options = {**DISTILL_DEFAULTS, **rule_options}
         if rule_options["schedule"] not in SCHEDULES:
@@ -169,6 +168,14 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     if isinstance(meta, dict):
         meta["finetune"] = {key: value for key, value in figures.items() if key != "wall_s"}
     return figures
+
+
+def check_rule_options(rule: str, options: dict) -> None:
+    """Refuse option names the rule does not take (before anything loads)."""
+    known = (DistillRule if rule == "distill" else STDPRule).options
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"rule {rule!r} takes no option(s) {', '.join(unknown)}; its options: {', '.join(known)}")
 
 
 def gap_reduction(figures: dict) -> float:

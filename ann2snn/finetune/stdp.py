@@ -163,6 +163,8 @@ def _rate(train: SpikeTrain, channel_shape: torch.Size) -> torch.Tensor:
 class STDPRule:
     name = "stdp"
     default_lr = 8.0
+    options = ("a_plus", "a_minus", "tau_plus", "tau_minus", "beta", "baseline_decay", "anchor", "threshold_rate",
+               "target_rate", "accumulate", "min_improvement", "teacher")
 
     def __init__(self, model, *, lr: float, synaptic: dict, originals: dict, held_out: HeldOut,
                  a_plus: float = 1.0, a_minus: float = 0.0, tau_plus: float | None = None,
