@@ -57,14 +57,20 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
         raise CheckpointError("these calibration statistics were gathered with a different 'sink' setting; recalibrate (drop --calib-stats) or match --outliers")
     sinks = compute_sinks(model) if "sink" in recipe.outliers else None  # from the final (transformed) weights
     apply_recipe(model, recipe, statistics, sinks)
-    model.ann2snn = {
-        "recipe": recipe.summary(),
-        "float_operations": list(recipe.float_operations),
-        "calibration": calibration,
-        "versions": _versions(),
-        "statistics": statistics,
-    }
+    model.ann2snn = export_metadata(recipe, calibration, statistics)
     return model.eval()
+
+
+def export_metadata(recipe: Recipe, calibration: dict, statistics: dict) -> dict:
+    """What a converted model carries into its export (snn_config.json, calibration.safetensors)."""
+    return {"recipe": recipe.summary(), "float_operations": list(recipe.float_operations),
+            "calibration": calibration, "versions": _versions(), "statistics": statistics}
+
+
+def calibration_summary(calib_data, windows: torch.Tensor, seed: int, outliers: tuple[str, ...], **notes) -> dict:
+    """The calibration entry of snn_config.json."""
+    return {"seed": seed, "source": str(calib_data) if calib_data else "bundled", "samples": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]), "tokens": int(windows.numel()), "transforms": list(outliers), **notes}
 
 
 def calibrate(model, tokenizer, recipe: str | Recipe = "qwen2", calib_data: str | Path | None = None,
@@ -85,9 +91,7 @@ def calibrate(model, tokenizer, recipe: str | Recipe = "qwen2", calib_data: str 
         statistics = _collect(model, recipe, windows, seed, progress)
         for site, absmax in before.items():  # kept so that reused statistics can replay the same smoothing
             statistics[site]["absmax_before_smoothing"] = absmax
-    info = {"seed": seed, "source": str(calib_data) if calib_data else "bundled", "samples": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]), "tokens": int(windows.numel()), "transforms": list(recipe.outliers), **sink_note}
-    return statistics, info
+    return statistics, calibration_summary(calib_data, windows, seed, recipe.outliers, **sink_note)
 
 
 def _collect(model, recipe: Recipe, windows: torch.Tensor, seed: int, progress: bool) -> dict:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_folder
 from .calibration.calibrate import hand_over, observing, release_memory
 from .calibration.data import read_texts, token_windows
-from .convert import _versions
+from .convert import calibration_summary, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
 from .export import write_beside_weights, write_shard, write_shard_index
 from .models import FINITE_CHUNK, check_weight_files, read_config
@@ -200,9 +200,6 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, re
                 if not name.startswith("model.layers.") and not (tied and name == "lm_head.weight")}
         weight_map.update(write_shard(tmp, rest, shards, shards))
         write_shard_index(tmp, weight_map)
-        calibration = {"seed": seed, "source": str(calib_data) if calib_data else "bundled", "samples": int(windows.shape[0]),
-                       "seq_len": int(windows.shape[1]), "tokens": int(windows.numel()), "transforms": []}
-        meta = {"recipe": recipe.summary(), "float_operations": list(recipe.float_operations),
-                "calibration": calibration, "versions": _versions(), "statistics": statistics}
+        meta = export_metadata(recipe, calibration_summary(calib_data, windows, seed, recipe.outliers), statistics)
         write_beside_weights(tmp, model.config, meta, tokenizer)
     return meta

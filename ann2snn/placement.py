@@ -89,16 +89,16 @@ def dispatch(model: nn.Module, device_map: dict[str, int | str], force_hooks: bo
     return model
 
 
-def place(model: nn.Module, device_map: str | None, max_memory: dict | None = None) -> nn.Module:
+def place(model: nn.Module, device_map: str | None) -> nn.Module:
     """Move `model` as `device_map` says (module docstring); returns it."""
     device_map = check_device_map(device_map)
     if device_map is None or device_map == "cpu":
         return model
     if device_map != "auto":
         return model.to(torch.device(device_map))
-    if accelerators() == 0 and max_memory is None:
+    if accelerators() == 0:
         return model  # nothing to spread over: the CPU holds it all
-    device_map = plan(model, max_memory)
+    device_map = plan(model)
     devices = set(device_map.values())
     if len(devices) == 1:
         (device,) = devices
