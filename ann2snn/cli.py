@@ -209,14 +209,13 @@ def _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, cal
     from .layerwise import convert_layer_by_layer
     from .models import load_tokenizer_from, parse_dtype
 
-    refused = [flag for flag, given in (("--finetune", finetune), ("--calib-stats", calib_stats is not None),
-                                        ("--device-map", device_map not in (None, "cpu")),
+    refused = [flag for flag, given in (("--finetune", finetune), ("--device-map", device_map not in (None, "cpu")),
                                         ("torchrun", int(os.environ.get("WORLD_SIZE", "1")) > 1)) if given]
     if refused:
         raise ConfigError(f"--layer-by-layer does not combine with {', '.join(refused)}; drop one of them")
     tokenizer = load_tokenizer_from(folder, trust_remote_code)
     meta = convert_layer_by_layer(folder, out, tokenizer, recipe=recipe, calib_data=calib_data, calib_samples=calib_samples,
-                                  seq_len=seq_len, seed=seed, dtype=parse_dtype(dtype), overwrite=overwrite,
+                                  seq_len=seq_len, calib_stats=calib_stats, seed=seed, dtype=parse_dtype(dtype), overwrite=overwrite,
                                   trust_remote_code=trust_remote_code, **options)
     _report_conversion(model, out, meta["recipe"])
 

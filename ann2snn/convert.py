@@ -49,12 +49,15 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
         statistics, calibration = calibrate(model, tokenizer, recipe, calib_data, calib_samples, seq_len, seed, progress)
     if recipe.outliers == ("auto",):  # decided by the calibration pass (attention_sink.resolve_outliers)
         recipe = recipe.with_options(outliers=tuple(calibration.get("transforms", ())))
+    gathered = tuple(calibration.get("transforms", recipe.outliers))
+    if set(gathered) != set(recipe.outliers):  # statistics of rotated/smoothed weights, or with a sink, fit only those
+        named = ",".join(gathered) or "none"
+        raise CheckpointError(f"these calibration statistics were gathered with --outliers {named}; pass --outliers "
+                              f"{named} or recalibrate (drop --calib-stats)")
     _replay_transforms(model, recipe, statistics, calibration.get("seed", seed))
     missing = _missing_sites(model, recipe, statistics)
     if missing:
         raise CheckpointError(f"the calibration statistics lack {len(missing)} site(s) this model needs (e.g. {missing[0]}); recalibrate without --calib-stats")
-    if ("sink" in recipe.outliers) != ("sink" in calibration.get("transforms", recipe.outliers)):
-        raise CheckpointError("these calibration statistics were gathered with a different 'sink' setting; recalibrate (drop --calib-stats) or match --outliers")
     sinks = compute_sinks(model) if "sink" in recipe.outliers else None  # from the final (transformed) weights
     apply_recipe(model, recipe, statistics, sinks)
     model.ann2snn = export_metadata(recipe, calibration, statistics)

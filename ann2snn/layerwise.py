@@ -19,6 +19,7 @@ hidden states between layers and the statistics gathered so far:
    tokenizer and snn_config.json (with every file's SHA-256) complete the folder.
 
 The export folder is written atomically: an interruption leaves nothing.
+With saved statistics (`calib_stats`) step 2 and the observing are skipped.
 
 Outlier handling (rotate, smooth, sink, auto) rewrites or measures several
 layers at once and is refused here, as are models whose decoder layers take
@@ -36,14 +37,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
-from .calibration.calibrate import hand_over, observing, release_memory
+from .calibration.calibrate import hand_over, load_statistics, observing, release_memory
 from .calibration.data import read_texts, token_windows
 from .convert import calibration_summary, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
 from .export import write_beside_weights, write_shard, write_shard_index
 from .models import FINITE_CHUNK, check_weight_files, read_config
 from .recipes import Recipe, check_supported, get_recipe
-from .replace import CALIBRATION_ATTENTION, apply_recipe, matches
+from .replace import CALIBRATION_ATTENTION, REPLACEMENTS, apply_recipe, matches
 
 
 class _Stop(Exception):
@@ -117,6 +118,14 @@ def _check(recipe: Recipe, config) -> None:
                           "--layer-by-layer does not handle; convert without it")
 
 
+def _check_sites(model, found: list, statistics: dict, calib_stats) -> None:
+    missing = [site for name, module, rule in found for site in REPLACEMENTS[rule.replace_with].sites(name, module)
+               if site not in statistics]
+    if missing:
+        raise CheckpointError(f"the calibration statistics {calib_stats} lack {len(missing)} site(s) this model needs "
+                              f"(e.g. {missing[0]}); recalibrate without --calib-stats")
+
+
 @torch.no_grad()
 def _layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
     """Per batch, (hidden states, keyword arguments) as the model's forward hands them to decoder layer 0."""
@@ -141,14 +150,17 @@ def _layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[t
 @torch.no_grad()  # the hidden states carried between layers must not hold every earlier layer's graph
 def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, recipe: str | Recipe = "qwen2",
                            timesteps: int | None = None, coding: str | None = None, threshold: str | None = None,
-                           headroom: float | None = None, outliers: tuple[str, ...] | None = None, calib_data: str | Path | None = None, calib_samples: int = 32,
-                           seq_len: int = 128, seed: int = 0, dtype: torch.dtype | None = None,
+                           headroom: float | None = None, outliers: tuple[str, ...] | None = None,
+                           calib_data: str | Path | None = None, calib_samples: int = 32, seq_len: int = 128,
+                           calib_stats: str | Path | None = None, seed: int = 0, dtype: torch.dtype | None = None,
                            overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
                            batch_size: int = 4) -> dict:
     """Convert the checkpoint in `folder` to an export in `out`, one decoder layer in memory at a time.
 
     Options as `ann2snn.convert` (`outliers` must be empty); returns the export's
     metadata (what ``ann2snn.load(out).ann2snn`` holds, plus the statistics).
+    With `calib_stats` (an export's calibration.safetensors, gathered without
+    outlier handling) nothing runs: each layer is only read, converted and written.
     """
     folder, out = Path(folder), Path(out)
     read_config(folder, trust_remote_code)
@@ -165,7 +177,15 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, re
     model = _skeleton(config, dtype or tensors.dtype(config))
     check_supported(recipe, getattr(model.config, "model_type", None))
     _check(recipe, model.config)
-    windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
+    if calib_stats is not None:
+        statistics, saved = load_statistics(calib_stats)
+        if saved.get("transforms"):
+            raise CheckpointError(f"{calib_stats} was gathered with {', '.join(saved['transforms'])}, which "
+                                  "--layer-by-layer does not apply; recalibrate (drop --calib-stats)")
+        calibration = {"seed": seed, **saved, "reused_from": str(calib_stats)}
+    else:
+        statistics = {}
+        windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
 
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     for name in ("embed_tokens", "norm"):
@@ -176,19 +196,21 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, re
         tensors.load_into(model.lm_head, "lm_head")
 
     layers = model.model.layers
-    statistics: dict = {}
     with atomic_folder(out, CheckpointError, overwrite) as tmp:
-        model.config._attn_implementation = CALIBRATION_ATTENTION  # the mask the calibration pass makes
-        inputs = _layer_inputs(model, windows, batch_size)
+        if calib_stats is None:
+            model.config._attn_implementation = CALIBRATION_ATTENTION  # the mask the calibration pass makes
+            inputs = _layer_inputs(model, windows, batch_size)
         weight_map: dict[str, str] = {}
         shards = len(layers) + 1
         for index in tqdm(range(len(layers)), desc="converting layer by layer", unit="layer", disable=not progress):
             prefix = f"model.layers.{index}"
             tensors.load_into(layers[index], prefix)
             found = [m for m in matches(model, recipe) if m[0].startswith(prefix + ".")]
-            with observing(model, found, int(windows.numel()), seed=seed) as observers:
-                inputs = [(layers[index](hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
-            statistics.update(hand_over(observers))
+            if calib_stats is None:
+                with observing(model, found, int(windows.numel()), seed=seed) as observers:
+                    inputs = [(layers[index](hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
+                statistics.update(hand_over(observers))
+            _check_sites(model, found, statistics, calib_stats)
             apply_recipe(model, recipe, statistics, within=prefix)
             del found  # the replaced ANN modules: they still hold this layer's weights
             state = {f"{prefix}.{name}": t.detach().contiguous() for name, t in layers[index].state_dict().items()}
@@ -200,6 +222,8 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, re
                 if not name.startswith("model.layers.") and not (tied and name == "lm_head.weight")}
         weight_map.update(write_shard(tmp, rest, shards, shards))
         write_shard_index(tmp, weight_map)
-        meta = export_metadata(recipe, calibration_summary(calib_data, windows, seed, recipe.outliers), statistics)
+        if calib_stats is None:
+            calibration = calibration_summary(calib_data, windows, seed, recipe.outliers)
+        meta = export_metadata(recipe, calibration, statistics)
         write_beside_weights(tmp, model.config, meta, tokenizer)
     return meta

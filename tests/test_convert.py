@@ -227,3 +227,15 @@ def test_headroom_widens_every_calibrated_step(qwen2_checkpoint):
     for name, buffer in wide.named_buffers():
         if name in steps:
             assert torch.allclose(buffer, 3 * steps[name], rtol=1e-6), name
+
+
+def test_statistics_of_rotated_weights_are_not_reused_without_the_rotation(qwen2_checkpoint, tmp_path):
+    snn, tokenizer = _convert(qwen2_checkpoint, timesteps=6, outliers=("rotate",))
+    ann2snn.save(snn, tmp_path / "rotated", tokenizer)
+    with pytest.raises(CheckpointError, match="gathered with --outliers rotate; pass --outliers rotate"):
+        _convert(qwen2_checkpoint, timesteps=6, outliers=(), calib_stats=tmp_path / "rotated" / "calibration.safetensors")
+    again, _ = _convert(qwen2_checkpoint, timesteps=6, outliers=("rotate",),
+                        calib_stats=tmp_path / "rotated" / "calibration.safetensors")
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, snn(input_ids=ids).logits, rtol=0, atol=0)

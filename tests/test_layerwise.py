@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ann2snn
-from ann2snn.errors import ConfigError
+from ann2snn.errors import CheckpointError, ConfigError
 from ann2snn.layerwise import convert_layer_by_layer
 
 from conftest import SMALL, make_checkpoint, make_tokenizer
@@ -67,6 +67,32 @@ def test_layer_by_layer_gives_the_whole_model_export(tmp_path, tie):
 def test_layer_by_layer_takes_llama_and_the_recipe_options(tmp_path):
     folder = make_checkpoint(tmp_path / "llama", LlamaConfig, LlamaForCausalLM, seed=3)
     _assert_same_export(*_both(folder, tmp_path, timesteps=4, coding="rate", threshold="max", headroom=1.5))
+
+
+def test_layer_by_layer_reuses_saved_statistics_as_convert_does(tmp_path, monkeypatch):
+    """--calib-stats: no forward at all, and the export whole-model conversion gives from the same statistics."""
+    import ann2snn.layerwise as layerwise
+
+    folder = _bf16_sharded(tmp_path / "ckpt", tie=True)
+    ann, tokenizer = ann2snn.load_ann(str(folder))
+    first = tmp_path / "first"
+    ann2snn.save(ann2snn.convert(ann, tokenizer, progress=False, timesteps=4, **OPTIONS), first, tokenizer)
+    stats = first / "calibration.safetensors"
+    ann, _ = ann2snn.load_ann(str(folder))
+    ann2snn.save(ann2snn.convert(ann, tokenizer, progress=False, timesteps=9, calib_stats=stats), tmp_path / "whole", tokenizer)
+    calls = []
+    real = layerwise._layer_inputs
+    monkeypatch.setattr(layerwise, "_layer_inputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    convert_layer_by_layer(folder, tmp_path / "layers", tokenizer, timesteps=9, calib_stats=stats, progress=False)
+    assert calls == []
+    _assert_same_export(tmp_path / "whole", tmp_path / "layers")
+    # statistics gathered after a rotation belong to the rotated weights: refused
+    ann, _ = ann2snn.load_ann(str(folder))
+    ann2snn.save(ann2snn.convert(ann, tokenizer, progress=False, outliers=("rotate",), **OPTIONS), tmp_path / "rot", tokenizer)
+    with pytest.raises(CheckpointError, match="gathered with rotate"):
+        convert_layer_by_layer(folder, tmp_path / "refused", tokenizer, calib_stats=tmp_path / "rot" / "calibration.safetensors",
+                               progress=False)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_layer_by_layer_refuses_outlier_handling_and_leaves_nothing(qwen2_checkpoint, tmp_path):
