@@ -26,14 +26,19 @@ def _calibration_fingerprint(folder, calib_data, samples, seq_len, seed, transfo
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _init_distributed() -> bool:
-    """Join the torchrun process group when there is one; True on the process that writes output."""
+def _world_size() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
     import os
 
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _init_distributed() -> bool:
+    """Join the torchrun process group when there is one; True on the process that writes output."""
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _world_size() <= 1:
         return True
     if not dist.is_initialized():
         # the statistics are merged as CPU tensors: gloo carries those, NCCL (when there are GPUs) the rest
@@ -47,7 +52,7 @@ def _process_device(device_map: str) -> str:
 
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device_map in ("cuda", "auto") and torch.cuda.is_available():
+    if _world_size() > 1 and device_map in ("cuda", "auto") and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device_map
 
@@ -203,14 +208,12 @@ def _report_conversion(model, out, summary) -> None:
 
 def _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, calib_samples, seq_len, calib_stats, dtype,
                             seed, overwrite, trust_remote_code, finetune, device_map) -> None:
-    import os
-
     from .errors import ConfigError
     from .layerwise import convert_layer_by_layer
     from .models import load_tokenizer_from, parse_dtype
 
     refused = [flag for flag, given in (("--finetune", finetune), ("--device-map", device_map not in (None, "cpu")),
-                                        ("torchrun", int(os.environ.get("WORLD_SIZE", "1")) > 1)) if given]
+                                        ("torchrun", _world_size() > 1)) if given]
     if refused:
         raise ConfigError(f"--layer-by-layer does not combine with {', '.join(refused)}; drop one of them")
     tokenizer = load_tokenizer_from(folder, trust_remote_code)

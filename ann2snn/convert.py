@@ -18,7 +18,7 @@ from .calibration.data import read_texts, token_windows
 from .recipes import check_supported, get_recipe
 from .recipes.base import Recipe
 from .errors import CheckpointError
-from .replace import apply_recipe
+from .replace import REPLACEMENTS, apply_recipe, matches
 from .transforms import rotate, smooth
 
 
@@ -55,9 +55,7 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
         raise CheckpointError(f"these calibration statistics were gathered with --outliers {named}; pass --outliers "
                               f"{named} or recalibrate (drop --calib-stats)")
     _replay_transforms(model, recipe, statistics, calibration.get("seed", seed))
-    missing = _missing_sites(model, recipe, statistics)
-    if missing:
-        raise CheckpointError(f"the calibration statistics lack {len(missing)} site(s) this model needs (e.g. {missing[0]}); recalibrate without --calib-stats")
+    check_sites(matches(model, recipe), statistics)
     sinks = compute_sinks(model) if "sink" in recipe.outliers else None  # from the final (transformed) weights
     apply_recipe(model, recipe, statistics, sinks)
     model.ann2snn = export_metadata(recipe, calibration, statistics)
@@ -123,11 +121,13 @@ def _replay_transforms(model, recipe: Recipe, statistics: dict, seed: int) -> No
         _applied(model).append("smooth")
 
 
-def _missing_sites(model, recipe, statistics) -> list[str]:
-    from .replace import REPLACEMENTS, matches
-
-    needed = [site for name, module, rule in matches(model, recipe) for site in REPLACEMENTS[rule.replace_with].sites(name, module)]
-    return [site for site in needed if site not in statistics]
+def check_sites(found: list, statistics: dict) -> None:
+    """Refuse statistics that lack a site the modules in `found` (from `matches`) need."""
+    needed = [site for name, module, rule in found for site in REPLACEMENTS[rule.replace_with].sites(name, module)]
+    missing = [site for site in needed if site not in statistics]
+    if missing:
+        raise CheckpointError(f"the calibration statistics lack {len(missing)} site(s) this model needs "
+                              f"(e.g. {missing[0]}); recalibrate without --calib-stats")
 
 
 def _versions() -> dict[str, str]:

@@ -39,12 +39,12 @@ from tqdm.auto import tqdm
 from .atomic import atomic_folder
 from .calibration.calibrate import hand_over, load_statistics, observing, release_memory
 from .calibration.data import read_texts, token_windows
-from .convert import calibration_summary, export_metadata
+from .convert import calibration_summary, check_sites, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
 from .export import write_beside_weights, write_shard, write_shard_index
 from .models import FINITE_CHUNK, check_weight_files, read_config
 from .recipes import Recipe, check_supported, get_recipe
-from .replace import CALIBRATION_ATTENTION, REPLACEMENTS, apply_recipe, matches
+from .replace import CALIBRATION_ATTENTION, apply_recipe, matches
 
 
 class _Stop(Exception):
@@ -116,14 +116,6 @@ def _check(recipe: Recipe, config) -> None:
     if layer_types and len(set(layer_types)) > 1:
         raise ConfigError(f"this model mixes decoder layer types ({', '.join(sorted(set(layer_types)))}), which "
                           "--layer-by-layer does not handle; convert without it")
-
-
-def _check_sites(model, found: list, statistics: dict, calib_stats) -> None:
-    missing = [site for name, module, rule in found for site in REPLACEMENTS[rule.replace_with].sites(name, module)
-               if site not in statistics]
-    if missing:
-        raise CheckpointError(f"the calibration statistics {calib_stats} lack {len(missing)} site(s) this model needs "
-                              f"(e.g. {missing[0]}); recalibrate without --calib-stats")
 
 
 @torch.no_grad()
@@ -210,7 +202,7 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, re
                 with observing(model, found, int(windows.numel()), seed=seed) as observers:
                     inputs = [(layers[index](hidden, **kwargs), kwargs) for hidden, kwargs in inputs]
                 statistics.update(hand_over(observers))
-            _check_sites(model, found, statistics, calib_stats)
+            check_sites(found, statistics)
             apply_recipe(model, recipe, statistics, within=prefix)
             del found  # the replaced ANN modules: they still hold this layer's weights
             state = {f"{prefix}.{name}": t.detach().contiguous() for name, t in layers[index].state_dict().items()}
