@@ -69,11 +69,11 @@ class SpikeCode:
     def levels(self) -> int:
         return 2 * self.max_count + 1
 
-    def step_size(self, clip: torch.Tensor) -> torch.Tensor:
+    def delta_for(self, clip: torch.Tensor) -> torch.Tensor:
         """Δ for a channel whose values are clipped to ±clip."""
         return clip / self.max_count
 
-    def quantise_counts(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def quantise_counts(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """k = clamp(floor(x/Δ + 1/2), −L, L): the integer the neuron's spikes sum to.
 
         Computed as floor(u) + [u − floor(u) ≥ 1/2]: the fraction is exact in float
@@ -81,13 +81,13 @@ class SpikeCode:
         below 1/2 — where the neuron, comparing v ≥ 1/2, stays silent.
         """
         dtype = _working_dtype(x)
-        u = x.to(dtype) / step.to(dtype)
+        u = x.to(dtype) / delta.to(dtype)
         whole = torch.floor(u)
         return torch.clamp(whole + (u - whole >= 0.5).to(dtype), -self.max_count, self.max_count)
 
-    def quantise(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def quantise(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The fake-quantised value k·Δ, in x's dtype."""
-        return (self.quantise_counts(x, step) * step.to(_working_dtype(x))).to(x.dtype)
+        return (self.quantise_counts(x, delta) * delta.to(_working_dtype(x))).to(x.dtype)
 
 
 def _working_dtype(x: torch.Tensor) -> torch.dtype:

@@ -31,7 +31,7 @@ from .errors import CheckpointError, ConfigError
 from .placement import place
 from .replace import apply_recipe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`)
 SNN_CONFIG = "snn_config.json"
 CALIBRATION_FILE = "calibration.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -163,6 +163,9 @@ def _read_weights(folder: Path, config: dict) -> dict[str, torch.Tensor]:
                 state.update({key: handle.get_tensor(key) for key in handle.keys()})
     except (SafetensorsError, OSError) as exc:
         raise CheckpointError(f"cannot read the weights in {folder} ({exc}); the export is damaged") from None
+    if config["format_version"] < 2:
+        # format 1 called every neuron's Δ buffer `step`; no other weight of a causal LM ends in ".step"
+        state = {key[: -len("step")] + "delta" if key.endswith(".step") else key: value for key, value in state.items()}
     return state
 
 

@@ -37,11 +37,11 @@ class BuildContext:
     statistics: dict[str, dict[str, torch.Tensor]] | None
     sinks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # attention module name → sink (key, value)
 
-    def step(self, site: str, rule: Rule) -> torch.Tensor | None:
+    def delta(self, site: str, rule: Rule) -> torch.Tensor | None:
         if self.statistics is None:
             return None
         clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.chosen_threshold, self.code)
-        return self.code.step_size(clip * self.recipe.chosen_headroom)
+        return self.code.delta_for(clip * self.recipe.chosen_headroom)
 
 
 class Replacement:
@@ -71,7 +71,7 @@ class SynapsisReplacement(Replacement):
         return _observe_input(name, module, observers)
 
     def build(self, name, module, rule, ctx):
-        return Synapsis(module, ctx.code, ctx.step(name, rule))
+        return Synapsis(module, ctx.code, ctx.delta(name, rule))
 
 
 class SNNSiLUReplacement(Replacement):
@@ -82,7 +82,7 @@ class SNNSiLUReplacement(Replacement):
         return _observe_input(name, module, observers)
 
     def build(self, name, module, rule, ctx):
-        return SNNSiLU(ctx.code, ctx.config.intermediate_size, ctx.step(name, rule))
+        return SNNSiLU(ctx.code, ctx.config.intermediate_size, ctx.delta(name, rule))
 
 
 class SpikingAttentionReplacement(Replacement):
@@ -101,7 +101,7 @@ class SpikingAttentionReplacement(Replacement):
         sink_tokens = len(sink_token_ids(config)) if "sink" in ctx.recipe.outliers else 0
         module.snn = SpikingAttention(
             ctx.code, config.num_attention_heads, config.num_key_value_heads, head_dim,
-            ctx.step(f"{name}.q", rule), ctx.step(f"{name}.k", rule), ctx.step(f"{name}.v", rule),
+            ctx.delta(f"{name}.q", rule), ctx.delta(f"{name}.k", rule), ctx.delta(f"{name}.v", rule),
             sink=(ctx.sinks or {}).get(name), sink_tokens=sink_tokens,
         )
         return module

@@ -417,7 +417,7 @@ def build_report(model, windows: torch.Tensor, *, energy: EnergyModel | None = N
         if isinstance(module, SignedNeuron):
             steps = snn_at("neuron_updates", name)
             modules[name] = {
-                "kind": "neuron", "layer": _layer_of(name), "channels": list(module.step.shape),
+                "kind": "neuron", "layer": _layer_of(name), "channels": list(module.delta.shape),
                 "neuron_inputs": snn_at("neuron_inputs", name), "spikes": snn_at("spikes", name),
                 "positive_spikes": snn_at("positive_spikes", name), "weighted_spikes": snn_at("weighted_spikes", name),
                 "neuron_updates": steps, "firing_rate": snn_at("spikes", name) / steps if steps else 0.0,
@@ -547,7 +547,7 @@ def ann_from_export(folder: str | Path):
             state[key.replace(".synapse.", ".")] = value
         elif ".snn.sink_" in key:  # the attention sink's constants: recomputed from the ANN when rebuilt
             continue
-        elif not (key.endswith(".step") and (".neuron." in key or ".snn." in key or "_neuron." in key)):
+        elif not (key.endswith(".delta") and (".neuron." in key or ".snn." in key or "_neuron." in key)):
             state[key] = value
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model_config, "tie_word_embeddings", False) else set()

@@ -222,7 +222,7 @@ def test_threshold_rule_and_headroom_follow_the_level_table_unless_given():
 def test_headroom_widens_every_calibrated_step(qwen2_checkpoint):
     plain, _ = _convert(qwen2_checkpoint, timesteps=8, threshold="max", headroom=1.0, outliers=())
     wide, _ = _convert(qwen2_checkpoint, timesteps=8, threshold="max", headroom=3.0, outliers=())
-    steps = {name: buffer for name, buffer in plain.named_buffers() if name.endswith(".step") and "softmax" not in name}
+    steps = {name: buffer for name, buffer in plain.named_buffers() if name.endswith(".delta") and "softmax" not in name}
     assert steps
     for name, buffer in wide.named_buffers():
         if name in steps:

@@ -91,9 +91,9 @@ def test_differentiable_neurons_train_log_steps_and_write_them_back(converted):
     snn, tokenizer, held_out, _ = converted
     model = _copy(snn)
     neurons = dict(calibrated_neurons(model))
-    before = {name: n.step.clone() for name, n in neurons.items()}
+    before = {name: n.delta.clone() for name, n in neurons.items()}
     with differentiable_neurons(model) as trained:
-        assert set(trained.log_steps) == set(neurons)
+        assert set(trained.log_deltas) == set(neurons)
         ann2snn.set_simulation(model, "fast")
         model(input_ids=held_out[:1]).logits.square().mean().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained.parameters())
@@ -103,7 +103,7 @@ def test_differentiable_neurons_train_log_steps_and_write_them_back(converted):
                 p.add_(0.1)
     for name, neuron in neurons.items():
         assert "forward" not in neuron.__dict__  # the class forward is back
-        assert torch.allclose(neuron.step, before[name] * torch.exp(torch.tensor(0.1)), rtol=1e-5)
+        assert torch.allclose(neuron.delta, before[name] * torch.exp(torch.tensor(0.1)), rtol=1e-5)
 
 
 def test_per_neuron_scales_move_all_channels_and_are_written_back(converted):
@@ -111,7 +111,7 @@ def test_per_neuron_scales_move_all_channels_and_are_written_back(converted):
     model = _copy(snn)
     neurons = dict(calibrated_neurons(model, softmax=True))
     assert len(neurons) == len(calibrated_neurons(model)) + model.config.num_hidden_layers  # + one softmax clip a layer
-    before = {name: n.step.clone() for name, n in neurons.items()}
+    before = {name: n.delta.clone() for name, n in neurons.items()}
     with differentiable_neurons(model, softmax=True, scales=True) as trained:
         assert set(trained.log_scales) == set(neurons) and all(p.shape == () for p in trained.scale_parameters())
         ann2snn.set_simulation(model, "fast")
@@ -121,7 +121,7 @@ def test_per_neuron_scales_move_all_channels_and_are_written_back(converted):
             for p in trained.scale_parameters():
                 p.add_(-0.2)
     for name, neuron in neurons.items():
-        assert torch.allclose(neuron.step, before[name] * torch.exp(torch.tensor(-0.2)), rtol=1e-5)
+        assert torch.allclose(neuron.delta, before[name] * torch.exp(torch.tensor(-0.2)), rtol=1e-5)
 
 
 def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
@@ -137,7 +137,7 @@ def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
     torch.manual_seed(0)
     x = torch.randn(10, 1, 6)
     neuron = SignedNeuron(code, 6, torch.full((6,), 0.2))
-    pre = neuron.fire(x, neuron.step)
+    pre = neuron.fire(x, neuron.delta)
     error = torch.randn(10, 1, 4) * 0.01
     trace = rule.eligibility(pre, error, code)
     x_hat = pre.accumulate()
@@ -280,7 +280,7 @@ def test_cli_finetune_writes_a_loadable_export(converted, tmp_path):
     assert (out / "calibration.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no checkpoint or partial folder left
     original = dict(calibrated_neurons(ann2snn.load(source)))
-    changed = any(not torch.equal(n.step, original[name].step) for name, n in calibrated_neurons(model))
+    changed = any(not torch.equal(n.delta, original[name].delta) for name, n in calibrated_neurons(model))
     assert changed != figures["reverted"]  # the tuned thresholds were exported (unless the run undid itself)
 
     again = CliRunner().invoke(main, ["finetune", str(source), "--data", str(data), "--out", str(out)])
@@ -332,7 +332,7 @@ def test_convert_finetune_chains_the_fine_tune_before_export(tmp_path):
     config = json.loads((tuned / "snn_config.json").read_text())
     assert config["finetune"]["steps"] == 8  # recorded in the export itself
     original = dict(calibrated_neurons(ann2snn.load(plain)))
-    assert any(not torch.equal(n.step, original[name].step) for name, n in calibrated_neurons(model))
+    assert any(not torch.equal(n.delta, original[name].delta) for name, n in calibrated_neurons(model))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # checkpoint and partial folders removed
 
 

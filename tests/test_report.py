@@ -41,7 +41,7 @@ def test_synapsis_phase_code_counts_by_hand():
     #   x = −3: −1 (−3→1), +1 (1→−1), −1 (−1→0)   → −4 + 2 − 1 = −3, 3 spikes
     # Per step: 2, 2, 2 spikes. out_features = 2: ACs = 6·2 = 12; shifts (steps t=0,1 weigh 4 and 2) = 4·2 = 8.
     linear = nn.Linear(3, 2)
-    synapsis = Synapsis(linear, SpikeCode("phase", 3), step=torch.ones(3))
+    synapsis = Synapsis(linear, SpikeCode("phase", 3), delta=torch.ones(3))
     x = torch.tensor([[5.0, 0.0, -3.0]])
     out, counts = counted(synapsis, x)
     assert torch.allclose(out, linear(x), atol=1e-5)  # exact on this grid
@@ -53,7 +53,7 @@ def test_synapsis_phase_code_counts_by_hand():
 
 def test_synapsis_rate_code_needs_no_shift():
     # Rate code, T=4, Δ = 1: x = 2 → two +1 spikes, x = −1 → one −1 spike, x = 0 → none; 3 spikes × 5 outputs.
-    synapsis = Synapsis(nn.Linear(3, 5, bias=False), SpikeCode("rate", 4), step=torch.ones(3))
+    synapsis = Synapsis(nn.Linear(3, 5, bias=False), SpikeCode("rate", 4), delta=torch.ones(3))
     _, counts = counted(synapsis, torch.tensor([[2.0, -1.0, 0.0]]))
     assert counts["spikes"] == 3 and counts["ac"] == 15 and counts["shifts"] == 0 and counts["bias_adds"] == 0
     assert counts["neuron_updates"] == 12

@@ -25,12 +25,12 @@ def _step(module):
 def test_synapsis_equals_linear_of_quantised_input(code):
     torch.manual_seed(0)
     linear = torch.nn.Linear(24, 12).double()
-    step = torch.rand(24).double() * 0.05 + 0.01
+    delta = torch.rand(24).double() * 0.05 + 0.01
     x = torch.randn(3, 5, 24).double()
-    synapsis = _step(Synapsis(linear, code, step))
+    synapsis = _step(Synapsis(linear, code, delta))
     seen = []
     synapsis.synapse.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    expected = F.linear(code.quantise(x, step), linear.weight, linear.bias)
+    expected = F.linear(code.quantise(x, delta), linear.weight, linear.bias)
     assert torch.allclose(synapsis(x), expected, atol=1e-10)
     # what reaches the weights is a spike train: ternary spikes times the channel's threshold
     assert isinstance(seen[0], SpikeTrain) and set(seen[0].spikes.unique().tolist()) <= {-1.0, 0.0, 1.0}
@@ -43,7 +43,7 @@ def test_snn_matmul_of_two_trains_equals_product_of_quantised_operands(code):
     na, nb = SignedNeuron(code, 8, torch.full((8,), 0.1)), SignedNeuron(code, 5, torch.full((5,), 0.1))
     _step(na), _step(nb)
     ta, tb = na(a), nb(b)
-    expected = code.quantise(a, na.step.double()) @ code.quantise(b, nb.step.double())
+    expected = code.quantise(a, na.delta.double()) @ code.quantise(b, nb.delta.double())
     assert torch.allclose(snn_matmul(ta, tb), expected, atol=1e-9)
 
 
@@ -74,7 +74,7 @@ def test_snn_softmax_rows_sum_to_one_and_mask_is_respected(coding, T):
 @pytest.mark.parametrize("code", CODES, ids=lambda c: f"{c.name}{c.timesteps}")
 def test_snn_silu_follows_silu_over_the_calibrated_range_without_saturation(code):
     clip = torch.tensor([12.0, 40.0])
-    silu = _step(SNNSiLU(code, 2, code.step_size(clip)))
+    silu = _step(SNNSiLU(code, 2, code.delta_for(clip)))
     x = torch.stack([torch.linspace(-12, 12, 5001), torch.linspace(-40, 40, 5001)], -1)
     err = (silu(x) - F.silu(x)).abs()
     assert (err <= silu.error_bound() + 1e-5).all()
@@ -94,11 +94,11 @@ def test_braintransformers_staircase_saturates_like_the_reference():
 def test_synapsis_paths_for_few_and_many_tokens_equal_linear_of_quantised_input(code, tokens):
     torch.manual_seed(3)
     linear = torch.nn.Linear(16, 64).double()
-    step = torch.rand(16).double() * 0.05 + 0.01
+    delta = torch.rand(16).double() * 0.05 + 0.01
     x = torch.randn(tokens, 16).double() * 0.5
-    synapsis = _step(Synapsis(linear, code, step))
-    step = synapsis.neuron.step.double()  # the neuron holds Δ in float32
-    expected = F.linear(code.quantise(x, step), linear.weight, linear.bias)
+    synapsis = _step(Synapsis(linear, code, delta))
+    delta = synapsis.neuron.delta.double()  # the neuron holds Δ in float32
+    expected = F.linear(code.quantise(x, delta), linear.weight, linear.bias)
     assert torch.allclose(synapsis(x), expected, atol=1e-10)
 
 
@@ -146,6 +146,6 @@ def test_snn_matmul_shares_key_value_heads_without_repeating_them(code):
     tq, tk = nq(q), nk(k)
     repeated = tk.map(lambda x: x.repeat_interleave(2, dim=-3))
     assert torch.allclose(snn_matmul(tq, tk), snn_matmul(tq, repeated), atol=1e-10)
-    expected = code.quantise(q, nq.step.double()) @ code.quantise(k, nk.step.double()).repeat_interleave(2, dim=-3)
+    expected = code.quantise(q, nq.delta.double()) @ code.quantise(k, nk.delta.double()).repeat_interleave(2, dim=-3)
     assert torch.allclose(snn_matmul(tq, tk), expected, atol=1e-9)
     assert torch.allclose(snn_matmul(q, k), q @ k.repeat_interleave(2, dim=-3), atol=1e-12)

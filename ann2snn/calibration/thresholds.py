@@ -44,9 +44,9 @@ def mse_clip(stats: dict[str, torch.Tensor], code: SpikeCode, grid: int = 32) ->
     tail_weight = top.shape[0] / tokens  # the top values are this share of all tokens; the sample stands for the rest
 
     def error(clip):
-        step = code.step_size(clip)
-        bulk = (code.quantise(sample, step) - sample).pow(2).mean(0)
-        tail = (code.quantise(top, step) - top).pow(2).mean(0)
+        delta = code.delta_for(clip)
+        bulk = (code.quantise(sample, delta) - sample).pow(2).mean(0)
+        tail = (code.quantise(top, delta) - top).pow(2).mean(0)
         return (1 - tail_weight) * bulk + tail_weight * tail
 
     best, best_err = absmax.clone(), error(absmax)

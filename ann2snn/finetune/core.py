@@ -88,7 +88,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
 
     synaptic = synaptic_parameters(model)
     changes_weights = rule == "stdp" or train_weights
-    initial_steps = {name: n.step.detach().clone() for name, n in neurons}
+    initial_deltas = {name: n.delta.detach().clone() for name, n in neurons}
     originals = {name: p.detach().clone() for name, p in synaptic.items()} if changes_weights else None
     grad_flags = {p: p.requires_grad for p in model.parameters()}
 
@@ -141,7 +141,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         if reverted:  # never hand back a model worse than it came
             with torch.no_grad():
                 for name, neuron in neurons:
-                    neuron.step.copy_(initial_steps[name])
+                    neuron.delta.copy_(initial_deltas[name])
                 for name, value in (originals or {}).items():
                     synaptic[name].copy_(value)
             after = held_out.evaluate()
@@ -162,7 +162,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
         "reverted": reverted, "wall_s": time.monotonic() - started,
     }
-    figures.update(_changes(neurons, initial_steps, synaptic, originals))
+    figures.update(_changes(neurons, initial_deltas, synaptic, originals))
     figures.update(summary)
     meta = getattr(model, "ann2snn", None)
     if isinstance(meta, dict):
@@ -204,17 +204,17 @@ def _model_digest(neurons, synaptic) -> str:
     digest = hashlib.sha256()
     for name, neuron in neurons:
         digest.update(name.encode())
-        digest.update(neuron.step.detach().float().cpu().numpy().tobytes())
+        digest.update(neuron.delta.detach().float().cpu().numpy().tobytes())
     for name, param in synaptic.items():
         digest.update(name.encode())
         digest.update(param.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
-def _changes(neurons, initial_steps, synaptic, originals) -> dict:
+def _changes(neurons, initial_deltas, synaptic, originals) -> dict:
     changed, total, rel = 0, 0, 0.0
     for name, neuron in neurons:
-        ratio = neuron.step.detach().float() / initial_steps[name].float()
+        ratio = neuron.delta.detach().float() / initial_deltas[name].float()
         moved = (ratio - 1).abs()
         changed += int((moved > 1e-6).sum())
         total += moved.numel()

@@ -128,7 +128,7 @@ class DistillRule:
 
     # checkpoint state: the log-thresholds, the trained weights and Adam's moments
     def state_dict(self) -> dict:
-        state = {"log_steps": {name: p.detach().cpu().clone() for name, p in self.neurons.log_steps.items()},
+        state = {"log_deltas": {name: p.detach().cpu().clone() for name, p in self.neurons.log_deltas.items()},
                  "log_scales": {name: p.detach().cpu().clone() for name, p in self.neurons.log_scales.items()},
                  "optimizer": self.optimizer.state_dict()}
         if self.train_weights:
@@ -137,8 +137,8 @@ class DistillRule:
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            for name, value in state["log_steps"].items():
-                self.neurons.log_steps[name].copy_(value)
+            for name, value in state["log_deltas"].items():
+                self.neurons.log_deltas[name].copy_(value)
             for name, value in state.get("log_scales", {}).items():
                 self.neurons.log_scales[name].copy_(value)
             for name, value in state.get("weights", {}).items():

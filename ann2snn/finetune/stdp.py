@@ -248,7 +248,7 @@ class STDPRule:
             for name, neuron in self.neurons:
                 def teacher_rate(m, args, out, name=name):
                     x = args[0].detach()
-                    target_rates[name] = _rate(m.fire(x, m.current_step(x)), m.step.shape)
+                    target_rates[name] = _rate(m.fire(x, m.current_delta(x)), m.delta.shape)
                 handles.append(neuron.register_forward_hook(teacher_rate))
             with torch.no_grad(), swapped_weights(self.synaptic, self.originals):
                 set_simulation(model, "ann")
@@ -260,7 +260,7 @@ class STDPRule:
             # 2. the SNN, step by step: pre-synaptic trains, outputs, eligibility traces, rates
             def student_rate(m, args, out):
                 name = neuron_name[id(m)]
-                rates[name] = _rate(out, m.step.shape)
+                rates[name] = _rate(out, m.delta.shape)
                 if id(m) in owner:
                     pre[owner[id(m)]] = out
 
@@ -328,15 +328,15 @@ class STDPRule:
 
         # 5. keep the update only if the held-out-in-training loss does not rise: try η, η/2, η/4
         weights = {name: syn.synapse.weight for name, syn in self.synapses}
-        steps = dict(self.neurons)
+        neurons = dict(self.neurons)
         for scale in self.backtrack:
             old_w = {name: w.detach().clone() for name, w in weights.items()}
-            old_s = {name: steps[name].step.detach().clone() for name in factors}
+            old_s = {name: neurons[name].delta.detach().clone() for name in factors}
             with torch.no_grad():
                 for name, change in changes.items():
                     weights[name].add_((self.eta * scale * change).to(weights[name].dtype))
                 for name, factor in factors.items():
-                    steps[name].step.mul_(torch.exp(scale * factor).to(steps[name].step))
+                    neurons[name].delta.mul_(torch.exp(scale * factor).to(neurons[name].delta))
             held = self.held_out.evaluate()
             if held["kl"] <= self.best["kl"] * (1 - self.min_improvement) and held["ppl_snn"] <= self.best["ppl_snn"]:
                 self.best = held
@@ -347,7 +347,7 @@ class STDPRule:
                 for name, w in weights.items():
                     w.copy_(old_w[name])
                 for name, value in old_s.items():
-                    steps[name].step.copy_(value)
+                    neurons[name].delta.copy_(value)
         self.rejected += 1
         self.eta /= 2
 
@@ -356,7 +356,7 @@ class STDPRule:
             return {name: value.detach().cpu().clone() for name, value in d.items()}
         return {
             "weights": {f"{name}.synapse.weight": s.synapse.weight.detach().cpu().clone() for name, s in self.synapses},
-            "steps": {name: n.step.detach().cpu().clone() for name, n in self.neurons},
+            "deltas": {name: n.delta.detach().cpu().clone() for name, n in self.neurons},
             "trace": cpu(self.trace), "rates": cpu(self.rates), "targets": cpu(self.targets), "pending": self.pending,
             "baseline": self.baseline, "best": self.best, "eta": self.eta,
             "accepted": self.accepted, "rejected": self.rejected, "gates": list(self.gates),
@@ -367,9 +367,9 @@ class STDPRule:
         with torch.no_grad():
             for name, value in state["weights"].items():
                 self.synaptic[name].copy_(value)
-            steps = dict(self.neurons)
-            for name, value in state["steps"].items():
-                steps[name].step.copy_(value)
+            neurons = dict(self.neurons)
+            for name, value in state["deltas"].items():
+                neurons[name].delta.copy_(value)
         self.trace = {name: value.to(device) for name, value in state["trace"].items()}
         self.rates = {name: value.to(device) for name, value in state["rates"].items()}
         self.targets = {name: value.to(device) for name, value in state["targets"].items()}

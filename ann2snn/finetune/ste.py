@@ -15,7 +15,7 @@ The forward value is `SpikeCode.quantise` itself (not an approximation), so a
 model under `differentiable_neurons` computes exactly what the spiking
 simulation accumulates; only the backward pass differs.
 
-Learnable thresholds. The per-channel step Δ of every calibrated neuron is
+Learnable thresholds. The per-channel quantisation step Δ (`delta`) of every calibrated neuron is
 trained through its logarithm, Δ = exp(s): Δ stays positive, and an Adam step on
 s changes Δ by a relative amount (≈ lr), the same for a channel with Δ = 1e-4 and
 one with Δ = 1, so channels of very different scales learn at one rate. Adam's
@@ -25,9 +25,9 @@ gives ∂loss/∂s = Δ·∂loss/∂Δ.
 
 The `SignedNeuron` class is not modified: `differentiable_neurons` gives each
 neuron instance a temporary ``forward`` (an instance attribute, which
-``nn.Module.__call__`` finds before the class method) and a log-step parameter
+``nn.Module.__call__`` finds before the class method) and a log-Δ parameter
 held outside the module, and on exit writes Δ = exp(s) back into the neuron's
-``step`` buffer and removes the instance ``forward``. The model's state dict and
+``delta`` buffer and removes the instance ``forward``. The model's state dict and
 export format are never changed.
 """
 
@@ -42,45 +42,45 @@ from torch import nn
 from ..modules.attention import SNNSoftmax
 from ..modules.neuron import DynamicNeuron, SignedNeuron
 
-MIN_LOG_STEP = -40.0  # Δ ≥ e^-40: a channel never collapses to a zero threshold
+MIN_LOG_DELTA = -40.0  # Δ ≥ e^-40: a channel never collapses to a zero threshold
 
 
 class STEQuantise(torch.autograd.Function):
     """x̂ = clamp(⌊x/Δ + 1/2⌋, −L, L)·Δ forward; the STE / LSQ gradients of the module docstring backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, step: torch.Tensor, max_count: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, delta: torch.Tensor, max_count: int) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
-        step_w = step.to(dtype)
-        k = torch.clamp(torch.floor(x.to(dtype) / step_w + 0.5), -max_count, max_count)
-        ctx.save_for_backward(x, step)  # u and k are recomputed: one saved tensor per element, not two
+        delta_w = delta.to(dtype)
+        k = torch.clamp(torch.floor(x.to(dtype) / delta_w + 0.5), -max_count, max_count)
+        ctx.save_for_backward(x, delta)  # u and k are recomputed: one saved tensor per element, not two
         ctx.max_count = max_count
-        return (k * step_w).to(x.dtype)
+        return (k * delta_w).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, step = ctx.saved_tensors
+        x, delta = ctx.saved_tensors
         dtype = torch.promote_types(x.dtype, torch.float32)
-        u = x.to(dtype) / step.to(dtype)
+        u = x.to(dtype) / delta.to(dtype)
         k = torch.clamp(torch.floor(u + 0.5), -ctx.max_count, ctx.max_count)
         grad = grad_out.to(dtype)
         inside = (u >= -ctx.max_count) & (u <= ctx.max_count)
         grad_x = (grad * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_step = None
+        grad_delta = None
         if ctx.needs_input_grad[1]:
             per_element = grad * torch.where(inside, k - u, k)
-            grad_step = per_element.sum_to_size(step.shape).to(step.dtype)
-        return grad_x, grad_step, None
+            grad_delta = per_element.sum_to_size(delta.shape).to(delta.dtype)
+        return grad_x, grad_delta, None
 
 
-def ste_quantise(x: torch.Tensor, step: torch.Tensor, max_count: int) -> torch.Tensor:
-    return STEQuantise.apply(x, step, max_count)
+def ste_quantise(x: torch.Tensor, delta: torch.Tensor, max_count: int) -> torch.Tensor:
+    return STEQuantise.apply(x, delta, max_count)
 
 
 def trainable_neuron(module: nn.Module) -> bool:
-    """A neuron whose calibrated step is worth tuning.
+    """A neuron whose calibrated Δ is worth tuning.
 
-    Excluded: `DynamicNeuron` (its step is re-derived from every input) and the
+    Excluded: `DynamicNeuron` (its Δ is re-derived from every input) and the
     SNNSoftmax neuron (its clip is exactly 1, the row maximum of the
     exponentials, by construction).
     """
@@ -95,7 +95,7 @@ def neurons(model: nn.Module) -> list[tuple[str, SignedNeuron]]:
 def calibrated_neurons(model: nn.Module, softmax: bool = False) -> list[tuple[str, SignedNeuron]]:
     """The neurons whose thresholds fine-tuning may change (see `trainable_neuron`).
 
-    With `softmax`, also each SNNSoftmax neuron (one step per layer, 1/L at
+    With `softmax`, also each SNNSoftmax neuron (one Δ per layer, 1/L at
     conversion: clip 1, the row maximum of the exponentials). Its clip is not
     calibrated, but it is still a threshold: a clip below 1 saturates the few
     largest exponentials of a row (the normaliser is the same saturated train,
@@ -108,14 +108,14 @@ def calibrated_neurons(model: nn.Module, softmax: bool = False) -> list[tuple[st
 
 @dataclass
 class DifferentiableNeurons:
-    """What `differentiable_neurons` yields: the log-step parameters, by neuron name."""
+    """What `differentiable_neurons` yields: the log-Δ parameters, by neuron name."""
 
-    log_steps: dict[str, nn.Parameter]
+    log_deltas: dict[str, nn.Parameter]
     log_scales: dict[str, nn.Parameter] = field(default_factory=dict)
 
     def parameters(self) -> list[nn.Parameter]:
         """The per-channel log-steps s."""
-        return list(self.log_steps.values())
+        return list(self.log_deltas.values())
 
     def scale_parameters(self) -> list[nn.Parameter]:
         """The per-neuron log-scales g (empty unless `differentiable_neurons(..., scales=True)`)."""
@@ -123,24 +123,24 @@ class DifferentiableNeurons:
 
     def steps(self) -> dict[str, torch.Tensor]:
         """Current Δ of every trained neuron (detached)."""
-        return {name: _log_step(p, self.log_scales.get(name)).detach().exp() for name, p in self.log_steps.items()}
+        return {name: _log_delta(p, self.log_scales.get(name)).detach().exp() for name, p in self.log_deltas.items()}
 
 
-def _log_step(log_step: torch.Tensor, log_scale: torch.Tensor | None) -> torch.Tensor:
-    return (log_step if log_scale is None else log_step + log_scale).clamp_min(MIN_LOG_STEP)
+def _log_delta(log_delta: torch.Tensor, log_scale: torch.Tensor | None) -> torch.Tensor:
+    return (log_delta if log_scale is None else log_delta + log_scale).clamp_min(MIN_LOG_DELTA)
 
 
-def _differentiable_forward(neuron: SignedNeuron, log_step: nn.Parameter | None, log_scale: nn.Parameter | None):
+def _differentiable_forward(neuron: SignedNeuron, log_delta: nn.Parameter | None, log_scale: nn.Parameter | None):
     def forward(x: torch.Tensor):
         if neuron.simulation == "ann":
             return x
-        if log_step is None:
-            step = neuron.current_step(x).detach()
+        if log_delta is None:
+            delta = neuron.current_delta(x).detach()
         else:
-            step = _log_step(log_step, log_scale).exp().to(x.device)
+            delta = _log_delta(log_delta, log_scale).exp().to(x.device)
         if neuron.simulation == "fast":
-            return ste_quantise(x, step, neuron.code.max_count)
-        return neuron.fire(x, step.detach())  # "step": the real spikes, at the current thresholds
+            return ste_quantise(x, delta, neuron.code.max_count)
+        return neuron.fire(x, delta.detach())  # "step": the real spikes, at the current thresholds
 
     return forward
 
@@ -149,32 +149,32 @@ def _differentiable_forward(neuron: SignedNeuron, log_step: nn.Parameter | None,
 def differentiable_neurons(model: nn.Module, train_steps: bool = True, softmax: bool = False, scales: bool = False):
     """Make every SignedNeuron of `model` differentiable (STE) and, if `train_steps`, its Δ learnable.
 
-    Yields a `DifferentiableNeurons`; its ``log_steps`` (one float32 parameter
+    Yields a `DifferentiableNeurons`; its ``log_deltas`` (one float32 parameter
     per calibrated neuron — with `softmax` also per SNNSoftmax neuron, see
-    `calibrated_neurons` — shaped like its ``step`` buffer) go to the optimizer.
+    `calibrated_neurons` — shaped like its ``delta`` buffer) go to the optimizer.
     With `scales`, each such neuron also gets one scalar log-scale g (starting
     at 0), and Δ = exp(s + g): g moves all of the neuron's channels together.
-    On exit — also on an exception — each neuron's ``step`` buffer receives
+    On exit — also on an exception — each neuron's ``delta`` buffer receives
     exp(s + g) and its class ``forward`` is restored.
     """
     trainable = {id(m) for _, m in calibrated_neurons(model, softmax)} if train_steps else set()
-    log_steps: dict[str, nn.Parameter] = {}
+    log_deltas: dict[str, nn.Parameter] = {}
     log_scales: dict[str, nn.Parameter] = {}
     patched = []
     try:
         for name, neuron in neurons(model):
             param = scale = None
             if id(neuron) in trainable:
-                param = nn.Parameter(neuron.step.detach().float().clamp_min(1e-30).log())
-                log_steps[name] = param
+                param = nn.Parameter(neuron.delta.detach().float().clamp_min(1e-30).log())
+                log_deltas[name] = param
                 if scales:
                     scale = log_scales[name] = nn.Parameter(torch.zeros((), device=param.device))
             neuron.forward = _differentiable_forward(neuron, param, scale)
             patched.append((neuron, param, scale))
-        yield DifferentiableNeurons(log_steps, log_scales)
+        yield DifferentiableNeurons(log_deltas, log_scales)
     finally:
         with torch.no_grad():
             for neuron, param, scale in patched:
                 if param is not None:
-                    neuron.step.copy_(_log_step(param.detach(), None if scale is None else scale.detach()).exp().to(neuron.step))
+                    neuron.delta.copy_(_log_delta(param.detach(), None if scale is None else scale.detach()).exp().to(neuron.delta))
                 neuron.__dict__.pop("forward", None)

@@ -107,7 +107,7 @@ class SNNSoftmax(nn.Module):
 
     def __init__(self, code: SpikeCode):
         super().__init__()
-        self.neuron = SignedNeuron(code, (), torch.tensor(code.step_size(torch.tensor(1.0)).item()))
+        self.neuron = SignedNeuron(code, (), torch.tensor(code.delta_for(torch.tensor(1.0)).item()))
 
     def forward(self, scores: torch.Tensor, mask: torch.Tensor | None):
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))

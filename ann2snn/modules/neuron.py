@@ -48,13 +48,13 @@ class SpikeTrain:
 
     spikes: [T, *shape], values in {−1, 0, +1}.
     weights: [T], w_t of the coding (1 for rate, 2^(T−1−t) for phase).
-    step: Δ per channel, broadcastable to shape.
+    delta: Δ per channel, broadcastable to shape.
     A +1 spike at step t is worth its threshold w_t·Δ.
     """
 
     spikes: torch.Tensor
     weights: torch.Tensor
-    step: torch.Tensor
+    delta: torch.Tensor
 
     @property
     def timesteps(self) -> int:
@@ -65,7 +65,7 @@ class SpikeTrain:
 
     def thresholds(self) -> torch.Tensor:
         """w_t·Δ broadcast against the spikes: the value of a +1 spike at each step."""
-        return self._per_step() * self.step
+        return self._per_step() * self.delta
 
     def values(self) -> torch.Tensor:
         """Per-step values s_t·w_t·Δ, [T, *shape]."""
@@ -81,12 +81,12 @@ class SpikeTrain:
 
     def accumulate(self) -> torch.Tensor:
         """Σ_t s_t·w_t·Δ: what the train carries over its window."""
-        return self.counts() * self.step
+        return self.counts() * self.delta
 
     def map(self, fn) -> "SpikeTrain":
         """Apply a shape op (transpose, repeat) that acts on trailing dims to spikes and steps alike."""
-        step = self.step.expand(self.spikes.shape[1:])
-        return SpikeTrain(fn(self.spikes), self.weights, fn(step.unsqueeze(0)).squeeze(0))
+        delta = self.delta.expand(self.spikes.shape[1:])
+        return SpikeTrain(fn(self.spikes), self.weights, fn(delta.unsqueeze(0)).squeeze(0))
 
 
 class SignedNeuron(base.MemoryModule):
@@ -97,31 +97,31 @@ class SignedNeuron(base.MemoryModule):
     hold one step per (head, head_dim) channel.
     """
 
-    def __init__(self, code: SpikeCode, channels: int | tuple[int, ...], step: torch.Tensor | None = None):
+    def __init__(self, code: SpikeCode, channels: int | tuple[int, ...], delta: torch.Tensor | None = None):
         super().__init__()
         self.code = code
         shape = (channels,) if isinstance(channels, int) else tuple(channels)
-        self.register_buffer("step", torch.ones(shape) if step is None else step.detach().float().clone().reshape(shape))
+        self.register_buffer("delta", torch.ones(shape) if delta is None else delta.detach().float().clone().reshape(shape))
         self.register_buffer("weights", code.step_weights(), persistent=False)
         self.register_memory("v", 0.0)
         self.simulation = "fast"
         self.step_mode = "m"
 
     def extra_repr(self) -> str:
-        return f"code={self.code.name}, T={self.code.timesteps}, channels={tuple(self.step.shape)}, simulation={self.simulation}"
+        return f"code={self.code.name}, T={self.code.timesteps}, channels={tuple(self.delta.shape)}, simulation={self.simulation}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SpikeTrain:
         if self.simulation == "ann":
             return x
-        step = self.current_step(x)
+        delta = self.current_delta(x)
         if self.simulation == "fast":
-            return self.code.quantise(x, step)
-        return self.fire(x, step)
+            return self.code.quantise(x, delta)
+        return self.fire(x, delta)
 
-    def current_step(self, x: torch.Tensor) -> torch.Tensor:
-        return self.step.to(x.device)
+    def current_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.delta.to(x.device)
 
-    def fire(self, x: torch.Tensor, step: torch.Tensor) -> SpikeTrain:
+    def fire(self, x: torch.Tensor, delta: torch.Tensor) -> SpikeTrain:
         """Integrate x, then fire T steps; returns the spike train.
 
         The loop runs over time steps only, vectorised over every neuron, and
@@ -132,7 +132,7 @@ class SignedNeuron(base.MemoryModule):
         """
         weights = self.weights.to(x.device)
         dtype = torch.promote_types(x.dtype, torch.float32)
-        v = x.detach().to(dtype) / step.detach().to(dtype)  # membrane in units of Δ, as SpikeCode.quantise_counts
+        v = x.detach().to(dtype) / delta.detach().to(dtype)  # membrane in units of Δ, as SpikeCode.quantise_counts
         spikes = torch.empty((weights.numel(),) + tuple(v.shape), dtype=dtype, device=v.device)
         negative = torch.empty_like(v)
         for t, w in enumerate(weights.tolist()):
@@ -145,7 +145,7 @@ class SignedNeuron(base.MemoryModule):
             s.sub_(negative)
             v.sub_(s, alpha=w)  # reset by subtraction: v ← v − s·w (s·w is exact)
         self.v = v
-        return SpikeTrain(spikes.to(x.dtype), weights, step.to(x.dtype))
+        return SpikeTrain(spikes.to(x.dtype), weights, delta.to(x.dtype))
 
 
 class DynamicNeuron(SignedNeuron):
@@ -158,7 +158,7 @@ class DynamicNeuron(SignedNeuron):
     def __init__(self, code: SpikeCode):
         super().__init__(code, ())
 
-    def current_step(self, x: torch.Tensor) -> torch.Tensor:
+    def current_delta(self, x: torch.Tensor) -> torch.Tensor:
         return (x.detach().abs().amax().float() / self.code.max_count).clamp_min(1e-12)
 
 

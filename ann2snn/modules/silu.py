@@ -26,13 +26,13 @@ SILU_MAX_SLOPE = 1.0998  # max of d/dx x·σ(x), reached near x = 2.4
 
 
 class SNNSiLU(nn.Module):
-    def __init__(self, code: SpikeCode, channels: int, step: torch.Tensor | None = None):
+    def __init__(self, code: SpikeCode, channels: int, delta: torch.Tensor | None = None):
         super().__init__()
-        self.neuron = SignedNeuron(code, channels, step)
+        self.neuron = SignedNeuron(code, channels, delta)
 
     def error_bound(self) -> torch.Tensor:
         """Largest |SNNSiLU − SiLU| per channel over the calibrated range."""
-        return SILU_MAX_SLOPE * self.neuron.step / 2
+        return SILU_MAX_SLOPE * self.neuron.delta / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         encoded = self.neuron(x)

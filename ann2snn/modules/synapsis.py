@@ -45,7 +45,7 @@ class SynapticWeights(nn.Module):
             return F.linear(x, self.weight, self.bias)
         spikes = x.spikes.reshape(x.timesteps, -1, x.spikes.shape[-1])  # [T, tokens, in]
         steps, rows = x.timesteps, spikes.shape[1]
-        delta = x.step.reshape(-1)
+        delta = x.delta.reshape(-1)
         fold = steps * rows >= self.weight.shape[0]  # Δ into W (out·in numbers) or onto the spikes (T·rows·in)
         if fold:
             weight = self.weight * delta  # W·diag(Δ): Δ broadcast over output rows
@@ -70,11 +70,11 @@ class SynapticWeights(nn.Module):
 class Synapsis(nn.Module):
     """Spiking `nn.Linear`: input neurons with calibrated steps, then synaptic weights."""
 
-    def __init__(self, linear: nn.Linear, code: SpikeCode, step: torch.Tensor | None = None, neuron: nn.Module | None = None):
+    def __init__(self, linear: nn.Linear, code: SpikeCode, delta: torch.Tensor | None = None, neuron: nn.Module | None = None):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.neuron = neuron if neuron is not None else SignedNeuron(code, linear.in_features, step)
+        self.neuron = neuron if neuron is not None else SignedNeuron(code, linear.in_features, delta)
         self.synapse = SynapticWeights(linear.weight, linear.bias)
         self.output_neuron: nn.Module | None = None  # only the braintransformers baseline quantises outputs
 
