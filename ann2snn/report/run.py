@@ -111,29 +111,8 @@ def build_report(model, windows: torch.Tensor, *, energy: EnergyModel | None = N
     snn_at = lambda field, name: _total(spikes[field], f"{root}.{name}" if name else "Global")  # noqa: E731
     mac_at = lambda name: _total(macs, f"{root}.{name}" if name else "Global")  # noqa: E731
     modules = _module_rows(model, snn_at, mac_at, passes.cache.operand_bits)
-    float_mac = _float_matmuls(model, mac_at)
-    float_flops = passes.floats.totals()
-    if "float attention matmuls (MAC)" in float_flops:
-        float_mac["float attention matmuls"] = float_flops.pop("float attention matmuls (MAC)")
-    encodings = snn_at("encodings", None)
-    float_flops["spike encoding"] = encodings
-    float_flops["embedding lookup"] = 0
-
-    layers = []
-    for i in range(len(passes.layers)):
-        scope = f"model.layers.{i}"
-        updates = snn_at("neuron_updates", scope)
-        in_layer = [m for m in modules.values() if m["layer"] == i]
-        layer_flops = dict(passes.floats.flops.get(i, {}))
-        layer_float_mac = layer_flops.pop("float attention matmuls (MAC)", 0)
-        layers.append({
-            "layer": i, "firing_rate": snn_at("spikes", scope) / updates if updates else 0.0,
-            "spikes": snn_at("spikes", scope), "neuron_updates": updates,
-            "ac": snn_at("ac", scope), "shifts": snn_at("shifts", scope), "bias_adds": snn_at("bias_adds", scope),
-            "ann_mac": sum(m.get("ann_mac", 0) for m in in_layer), "float_mac": layer_float_mac,
-            "float_flops": sum(layer_flops.values()) + snn_at("encodings", scope),
-            "cosine_similarity": passes.cos_sum[i] / passes.cos_count[i] if passes.cos_count[i] else float("nan"),
-        })
+    float_mac, float_flops = _float_bucket(model, mac_at, passes.floats, encodings=snn_at("encodings", None))
+    layers = _layer_rows(passes, modules, snn_at)
 
     tokens = int(windows.numel())
     totals = _totals(model, modules, snn_at, float_mac, float_flops, passes.passes, recipe)
@@ -156,6 +135,24 @@ def build_report(model, windows: torch.Tensor, *, energy: EnergyModel | None = N
         "layers": layers,
         "modules": modules,
     }
+
+
+def _layer_rows(passes: _Passes, modules: dict, snn_at) -> list[dict]:
+    rows = []
+    for i in range(len(passes.layers)):
+        scope = f"model.layers.{i}"
+        updates = snn_at("neuron_updates", scope)
+        layer_flops = dict(passes.floats.flops.get(i, {}))
+        float_mac = layer_flops.pop("float attention matmuls (MAC)", 0)
+        rows.append({
+            "layer": i, "firing_rate": snn_at("spikes", scope) / updates if updates else 0.0,
+            "spikes": snn_at("spikes", scope), "neuron_updates": updates,
+            "ac": snn_at("ac", scope), "shifts": snn_at("shifts", scope), "bias_adds": snn_at("bias_adds", scope),
+            "ann_mac": sum(m.get("ann_mac", 0) for m in modules.values() if m["layer"] == i), "float_mac": float_mac,
+            "float_flops": sum(layer_flops.values()) + snn_at("encodings", scope),
+            "cosine_similarity": passes.cos_sum[i] / passes.cos_count[i] if passes.cos_count[i] else float("nan"),
+        })
+    return rows
 
 
 def _module_rows(model, snn_at, mac_at, operand_bits: dict) -> dict[str, dict]:
@@ -187,15 +184,19 @@ def _module_rows(model, snn_at, mac_at, operand_bits: dict) -> dict[str, dict]:
     return rows
 
 
-def _float_matmuls(model, mac_at) -> dict[str, int]:
-    """MACs of the matmuls that stay float: each Linear outside the spiking modules by name, the rest together."""
+def _float_bucket(model, mac_at, floats: FloatTally, encodings: int) -> tuple[dict[str, int], dict[str, int]]:
+    """MACs and FLOPs of what stays float: each Linear outside the spiking modules by name, the rest of the
+    MACs together, float attention's products (the baseline recipe), and the FLOPs by kind."""
     spiking = [name for name, m in model.named_modules() if isinstance(m, (Synapsis, SNNMatmul))]
-    out = {name: mac_at(name) for name, m in model.named_modules()
+    mac = {name: mac_at(name) for name, m in model.named_modules()
            if isinstance(m, nn.Linear) and not any(name.startswith(s + ".") for s in spiking)}
-    other = mac_at(None) - sum(out.values()) - sum(mac_at(name) for name in spiking)
+    other = mac_at(None) - sum(mac.values()) - sum(mac_at(name) for name in spiking)
     if other:
-        out["other float matmuls"] = other
-    return out
+        mac["other float matmuls"] = other
+    flops = floats.totals()
+    if "float attention matmuls (MAC)" in flops:
+        mac["float attention matmuls"] = flops.pop("float attention matmuls (MAC)")
+    return mac, {**flops, "spike encoding": encodings, "embedding lookup": 0}
 
 
 def _totals(model, modules: dict, snn_at, float_mac: dict, float_flops: dict, passes: int, recipe: dict) -> dict:
