@@ -125,7 +125,7 @@ def run(*args):
 def test_report_json_names_data_and_holds_three_views(exported, tmp_path):  # noqa: F811
     out = tmp_path / "rep"
     result = run("report", exported, "--data", HELDOUT, "--out", out, "--max-tokens", 32, "--seq-len", 16,
-                 "--e-dram", 100)
+                 "--e-dram", 100, "--weight-bits", 8, "--e-neuron", 0.5)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "report.json").read_text())
     assert data["data"] == HELDOUT and f"text `{HELDOUT}`" in (out / "report.md").read_text()
@@ -133,7 +133,9 @@ def test_report_json_names_data_and_holds_three_views(exported, tmp_path):  # no
     run0 = data["runs"][0]
     assert run0["energy"]["snn_over_ann"] > 0 and run0["energy"]["view"] == "i"  # users' scripts read this key
     assert run0["energy_integer"]["snn_over_ann"] > run0["energy"]["snn_over_ann"]  # integer MACs are cheap
-    assert data["energy_conventions"]["iii"]["e_dram_pj_per_byte"] == 100
+    conventions = data["energy_conventions"]
+    assert conventions["iii"]["e_dram_pj_per_byte"] == 100 and conventions["ii"]["weight_bits"] == 8
+    assert conventions["i"]["e_neuron_pj"] == 0.5 and "8-bit weights" in conventions["ii"]["text"]
     streamed = run0["memory"]["streamed"]
     # the SNN streams its spiking weights once per step: T times the ANN's, and the float lm_head once, as the ANN
     weights = run0["totals"]["spiking_weights"]
