@@ -186,3 +186,40 @@ def test_a_finetuned_export_is_not_rebuilt_silently(finetuned, tmp_path):
     assert own.exit_code == 0, own.output
     assert json.loads((out / "report.json").read_text())["runs"][0]["finetuned"] is True
     assert "This export was fine-tuned" in (out / "report.md").read_text()
+
+
+def test_attention_sink_products_are_counted_on_the_spikes_that_drive_them():
+    """q spikes select rows of the sink's constant keys (1 sink token: 1 AC each); the sink probability's spikes
+    rows of its constant values (head_dim ACs each); the ANN has no sink."""
+    from spikingjelly.activation_based.op_counter import ModuleCounterMode
+
+    from ann2snn.modules.attention import SpikingAttention
+    from ann2snn.modules.neuron import set_simulation
+    from ann2snn.report import SNN_FIELDS, CountCache, SpikeFieldCounter
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, length = 2, 1, 4, 3
+    attention = SpikingAttention(SpikeCode("rate", 3), heads, kv_heads, dim, torch.full((heads, dim), 0.5),
+                                 torch.full((kv_heads, dim), 0.5), torch.full((kv_heads, dim), 0.5),
+                                 sink=(torch.randn(kv_heads, 1, dim), torch.randn(kv_heads, 1, dim)), sink_tokens=1)
+    query, key, value = torch.randn(1, heads, length, dim), torch.randn(1, kv_heads, length, dim), torch.randn(1, kv_heads, length, dim)
+    mask = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None]
+    cache = CountCache()
+    counters = {field: SpikeFieldCounter(field, cache) for field in SNN_FIELDS}
+    set_simulation(attention, "step")
+    trains = {}
+    hooks = cache.watch_attention(attention) + [
+        attention.q_neuron.register_forward_hook(lambda m, a, out: trains.__setitem__("q", out)),
+        attention.softmax.neuron.register_forward_hook(lambda m, a, out: trains.__setitem__("p", out))]
+    with torch.no_grad(), ModuleCounterMode(list(counters.values()), model=attention):
+        attention(query, key, value, mask, dim ** -0.5)
+    for hook in hooks:
+        hook.remove()
+    at = lambda field, name: sum(counters[field].get_counts().get(f"SpikingAttention.{name}", {}).values())  # noqa: E731
+    q_spikes = int(trains["q"].spikes.ne(0).sum())
+    sink_prob_spikes = int(trains["p"].spikes[..., :1].ne(0).sum())
+    assert q_spikes > 0 and sink_prob_spikes > 0
+    assert at("ac", "q_neuron") == q_spikes * 1 and at("shifts", "q_neuron") == 0  # rate code: no shifts
+    assert at("ac", "softmax.neuron") == sink_prob_spikes * dim
+    # every query sees the sink: its neurons exist beside the visible keys (6 of 9) for each of the 2 heads
+    assert at("neuron_inputs", "softmax.neuron") == heads * (length + 6)

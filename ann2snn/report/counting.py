@@ -144,29 +144,34 @@ def _grouped_mask(mask: torch.Tensor | None, shape: tuple, groups: int) -> torch
 class CountCache:
     """Computes a module call's counts once for all the counters that read it (they share the hook call).
 
-    `attention_masks` holds, per module, the part of attention's causal mask
-    that applies to it (set by `watch_attention` before the attention runs).
+    `roles` holds, per module of a `SpikingAttention`, what of the attention
+    applies to it (set by `watch_attention` before the attention runs): the
+    causal mask as the outputs QKᵀ computes ("wanted"), the probabilities P·V
+    reads ("a_support") or the softmax neurons that exist ("present"), and the
+    attention sink's constant products its spikes drive ("sink_keys",
+    "sink_values": the sink's token count, and the head dimension).
     """
 
     def __init__(self):
         self._last = None
-        self.masks: dict[torch.nn.Module, tuple[str, torch.Tensor]] = {}
+        self.roles: dict[torch.nn.Module, dict] = {}
         self.operand_bits: dict[torch.nn.Module, tuple[int, int | None]] = {}
 
     def get(self, module, args, out) -> dict:
         key = (module, args[0] if args else None, out)
         if self._last is not None and all(x is y for x, y in zip(self._last[0], key)):
             return self._last[1]
-        role, mask = self.masks.get(module, (None, None))
+        roles = self.roles.get(module, {})
         counts = {}
         if isinstance(module, SignedNeuron) and isinstance(out, SpikeTrain):
-            counts = neuron_counts(out, _left_padded(mask, out.spikes.shape[-1]) if role == "present" else None)
+            present = roles.get("present")
+            counts = neuron_counts(out, None if present is None else _left_padded(present, out.spikes.shape[-1]))
+            counts.update(_sink_products(out, roles))
         elif isinstance(module, SynapticWeights) and args and isinstance(args[0], SpikeTrain):
             counts = synapsis_counts(args[0], module.weight, module.bias)
             self.operand_bits[module] = (operand_bits(args[0]), None)
         elif isinstance(module, SNNMatmul) and len(args) == 2 and all(isinstance(x, SpikeTrain) for x in args):
-            counts = matmul_counts(*args, wanted=mask if role == "wanted" else None,
-                                   a_support=mask if role == "a_support" else None)
+            counts = matmul_counts(*args, wanted=roles.get("wanted"), a_support=roles.get("a_support"))
             self.operand_bits[module] = (operand_bits(args[0]), operand_bits(args[1]))
         self._last = (key, counts)
         return counts
@@ -179,19 +184,34 @@ class CountCache:
 
         def remember(attention, args):
             mask = args[3] if len(args) > 3 else None
-            if mask is not None:
-                self.masks[attention.qk] = ("wanted", mask)  # scores computed: the visible ones
-                self.masks[attention.pv] = ("a_support", mask)  # probabilities: zero where masked
-                self.masks[attention.softmax.neuron] = ("present", mask)  # no neuron for a masked position
-            else:
-                for module in (attention.qk, attention.pv, attention.softmax.neuron):
-                    self.masks.pop(module, None)
+            sink = attention.sink_tokens if attention.simulation != "ann" else 0
+            head_dim = args[0].shape[-1]
+            self.roles[attention.qk] = {"wanted": mask}  # the scores computed: the visible ones
+            self.roles[attention.pv] = {"a_support": mask}  # the probabilities: zero where masked
+            self.roles[attention.softmax.neuron] = {"present": mask, "sink_values": (sink, head_dim)}
+            self.roles[attention.q_neuron] = {"sink_keys": sink}  # each q spike selects a row of the sink's keys
 
         return [m.register_forward_pre_hook(remember) for m in model.modules() if isinstance(m, SpikingAttention)]
 
 
-def _left_padded(mask: torch.Tensor, width: int) -> torch.Tensor:
+def _sink_products(train: SpikeTrain, roles: dict) -> dict:
+    """ACs and shifts of the attention sink's constant products that `train`'s spikes drive, as a Synapsis's:
+    a q spike adds a row of the sink's keys (one AC per sink token); a spike of the sink's probability
+    adds a row of its values (one AC per head dimension)."""
+    keys = roles.get("sink_keys", 0)
+    values, head_dim = roles.get("sink_values", (0, 0))
+    if keys:
+        return synapsis_counts(train, torch.empty(keys, 0), None)
+    if values:
+        sink = SpikeTrain(train.spikes[..., :values], train.weights, train.delta)
+        return synapsis_counts(sink, torch.empty(head_dim, 0), None)
+    return {}
+
+
+def _left_padded(mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
     """The mask with always-present columns in front up to `width` (the attention sink's keys)."""
+    if mask is None:
+        return None
     extra = width - mask.shape[-1]
     return mask if extra <= 0 else torch.cat([mask.new_ones(mask.shape[:-1] + (extra,)), mask], -1)
 

@@ -249,6 +249,9 @@ CONVENTIONS = {
     "neurons": "one update (compare and subtract) per neuron per time step, charged at the neuron-update energy",
     "attention": "causal half in both models: scores of visible positions only, probabilities zero where masked, "
                  "no softmax neuron for a masked position",
+    "attention_sink": "with the 'sink' option, a q spike adds a row of the sink's constant keys (one AC per sink "
+                      "token) and a spike of the sink's probability a row of its constant values (one AC per head "
+                      "dimension), counted on those neurons; the ANN has no sink",
     "float": "operations that stay float are counted in the float bucket for both models: matmuls as MACs, the rest "
              "as FLOPs priced at the float-FLOP energy",
     "ann": "dense matmuls: Linear layers by spikingjelly's MACCounter as executed; the attention products on their "

@@ -130,8 +130,10 @@ def _per_layer_and_module(run: dict) -> list[str]:
             neuron = modules.get(m["input_neuron"], {})
             rows.append([f"`{name}`", f"synapsis {m['in_features']}→{m['out_features']}", _f(neuron.get("firing_rate")),
                          _n(neuron.get("spikes", 0)), _n(m["ac"]), _n(m["shifts"]), _n(m["ann_mac"])])
-        elif m["kind"] == "neuron" and name not in inputs:
-            rows.append([f"`{name}`", "neuron", _f(m["firing_rate"]), _n(m["spikes"]), "", "", ""])
+        elif m["kind"] == "neuron" and (name not in inputs or "ac" in m):
+            sink = [_n(m["ac"]), _n(m["shifts"])] if "ac" in m else ["", ""]
+            rows.append([f"`{name}`", "neuron" + (" (→ attention sink)" if sink[0] else ""), _f(m["firing_rate"]),
+                         _n(m["spikes"]), *sink, ""])
         elif m["kind"] == "snn_matmul":
             rows.append([f"`{name}`", "SNNMatmul", "", "", _n(m["ac"]), _n(m["shifts"]), _n(m["ann_mac"])])
     lines += ["A Synapsis row shows its input neuron's firing rate and spikes (`input_neuron` in report.json).", ""]

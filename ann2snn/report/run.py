@@ -168,6 +168,8 @@ def _module_rows(model, snn_at, mac_at, operand_bits: dict) -> dict[str, dict]:
                 "positive_spikes": snn_at("positive_spikes", name), "weighted_spikes": snn_at("weighted_spikes", name),
                 "neuron_updates": updates, "firing_rate": snn_at("spikes", name) / updates if updates else 0.0,
             }
+            if snn_at("ac", name):  # the attention sink's constant products, driven by this neuron's spikes
+                rows[name].update(ac=snn_at("ac", name), shifts=snn_at("shifts", name))
         elif isinstance(module, Synapsis):
             synapse = f"{name}.synapse"
             rows[name] = {
