@@ -126,7 +126,7 @@ def evaluate(export_dir, data, seq_len, max_tokens, simulation, as_json, device_
     from .pipeline import evaluate_export
 
     result = evaluate_export(export_dir, data, seq_len=seq_len, max_tokens=max_tokens, simulation=simulation,
-                             device_map=device_map, verbose=not as_json)
+                             device_map=device_map, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
     else:

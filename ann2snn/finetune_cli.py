@@ -48,7 +48,7 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
 
     figures = finetune_export(export_dir, data, out_dir, rule=rule, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                               seq_len=seq_len, train_weights=train_weights, checkpoint_every=checkpoint_every,
-                              overwrite=overwrite, device_map=device_map, verbose=not as_json, **_parse_options(options))
+                              overwrite=overwrite, device_map=device_map, progress=not as_json, **_parse_options(options))
     if as_json:
         click.echo(json.dumps(figures, sort_keys=True))
         return

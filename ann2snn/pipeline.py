@@ -25,8 +25,8 @@ an interruption after they kept something raises `Interrupted` naming it. `layer
 `ann2snn.layerwise.convert_layer_by_layer` instead (one decoder layer in memory at a time).
 
 `finetune_export` fine-tunes an export into a new one (resuming the same way), `generate_text` and
-`evaluate_export` run an export. Notes (resuming, decisions taken) go to stderr with the progress bars
-unless `verbose=False`; too little text is a `TooLittleTextWarning`.
+`evaluate_export` run an export. `progress=False` hides the progress bars; notes (what is resumed) go to
+stderr; too little text is a `TooLittleTextWarning`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 
 from .atomic import as_os_error, write_failure
 from .calibration.calibrate import load_statistics, save_statistics
-from .calibration.data import check_enough_text, read_texts, token_windows
+from .calibration.data import calibration_windows, check_enough_text, read_texts, token_windows
 from .errors import CheckpointError, ConfigError, Interrupted
 from .export import CALIBRATION_FILE, check_output, load, save
 from .finetune.core import CHECKPOINT_FILE, RULES, check_rule_options
@@ -60,7 +60,7 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
                        dtype: str | torch.dtype | None = None, seed: int = 0, overwrite: bool = False,
                        trust_remote_code: bool = False, finetune: bool = False, finetune_data: str | Path | None = None,
                        finetune_steps: int | None = None, finetune_rule: str | None = None, layer_by_layer: bool = False,
-                       device_map: str | None = "cpu", verbose: bool = True) -> dict | None:
+                       device_map: str | None = "cpu", progress: bool = True) -> dict | None:
     """Convert `model` (a checkpoint folder, a hub id, a short name or 'qwen2-tiny') and export it to `out`.
 
     Options as `ann2snn.convert` and the `ann2snn convert` command; `overwrite` replaces an existing export or
@@ -75,14 +75,16 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
     chosen = get_recipe(recipe).with_options(**options)
     device_map = check_device_map(_process_device(device_map))
     if calib_stats is None:
-        read_texts(calib_data)
+        read_texts(calib_data)  # a missing or unreadable file is found before the model is
     finetune_texts = _check_finetune_options(finetune, finetune_data, finetune_steps, finetune_rule, recipe, calib_data)
     folder = resolve_model(str(model))
     check_seq_len(read_config(folder, trust_remote_code), seq_len)
+    if calib_stats is None:  # enough calibration text? (tokenising a prefix; `calibrate` warns when short of what was asked)
+        calibration_windows(load_tokenizer_from(folder, trust_remote_code), calib_data, calib_samples, seq_len, seed, warn=False)
     dtype = parse_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
     if layer_by_layer:
         return _convert_layer_by_layer(model, folder, out, chosen, options, recipe, calib_data, calib_samples, seq_len,
-                                       calib_stats, dtype, seed, overwrite, trust_remote_code, finetune, device_map, verbose)
+                                       calib_stats, dtype, seed, overwrite, trust_remote_code, finetune, device_map, progress)
 
     from . import load_ann  # looked up at call time: tests replace it to prove nothing loads before the checks
     from .convert import convert
@@ -93,16 +95,16 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
     main_process = _init_distributed()  # under torchrun: calibrate on every process, export from the first
     resume, checkpoints = resume_files(out)
     statistics, info, resumed = _calibration(ann, tokenizer, chosen, folder, resume, calib_data, calib_samples, seq_len,
-                                             calib_stats, seed, main_process, verbose)
+                                             calib_stats, seed, main_process, progress)
     if not main_process:
         return None
     figures = None
     with _kept_on_interrupt(resume, checkpoints):
         snn = convert(ann, tokenizer, recipe=recipe, statistics=statistics, calibration_info=info,
-                      calib_stats=calib_stats, seed=seed, progress=verbose, **options)
+                      calib_stats=calib_stats, seed=seed, progress=progress, **options)
         if finetune:
             rule, steps = finetune_rule or FINETUNE_RULE, finetune_steps or FINETUNE_STEPS
-            figures = _finetune(snn, tokenizer, finetune_texts, checkpoints, verbose, rule=rule, steps=steps, seed=seed,
+            figures = _finetune(snn, tokenizer, finetune_texts, checkpoints, progress, rule=rule, steps=steps, seed=seed,
                                 seq_len=seq_len)
             snn.ann2snn["finetune"]["data"] = str(finetune_data or calib_data or "bundled")
         save(snn, out, tokenizer, overwrite=overwrite)
@@ -116,7 +118,7 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
 def finetune_export(export: str | Path, data: str | Path, out: str | Path, *, rule: str = "distill", steps: int = 200,
                     lr: float | None = None, seed: int = 0, batch_size: int = 4, seq_len: int = 128,
                     train_weights: bool = False, checkpoint_every: int = 50, overwrite: bool = False,
-                    device_map: str | None = "cpu", verbose: bool = True, **rule_options) -> dict:
+                    device_map: str | None = "cpu", progress: bool = True, **rule_options) -> dict:
     """Fine-tune the SNN in `export` on the text in `data` and export it to `out` (`ann2snn finetune`).
 
     Settings as `ann2snn.finetune.finetune`. The checkpoint is kept in `.OUT.finetune/` beside `out` until
@@ -138,7 +140,7 @@ def finetune_export(export: str | Path, data: str | Path, out: str | Path, *, ru
         model.ann2snn["statistics"], _ = load_statistics(calibration)
     _, checkpoints = resume_files(out)
     with _kept_on_interrupt(checkpoints):
-        figures = _finetune(model, tokenizer, texts, checkpoints, verbose, rule=rule, steps=steps, lr=lr, seed=seed,
+        figures = _finetune(model, tokenizer, texts, checkpoints, progress, rule=rule, steps=steps, lr=lr, seed=seed,
                             batch_size=batch_size, seq_len=seq_len, train_weights=train_weights,
                             checkpoint_every=checkpoint_every, **rule_options)
         save(model, out, tokenizer, overwrite=overwrite)
@@ -165,7 +167,7 @@ def generate_text(export: str | Path, prompt: str, *, max_new_tokens: int = 40, 
 
 
 def evaluate_export(export: str | Path, data: str | Path, *, seq_len: int = 128, max_tokens: int = 20000,
-                    simulation: str = "fast", device_map: str | None = "cpu", verbose: bool = True) -> dict:
+                    simulation: str = "fast", device_map: str | None = "cpu", progress: bool = True) -> dict:
     """Perplexity of the export's ANN and SNN on `data` and their top-1 agreement (`ann2snn.evaluate.compare`),
     with the export's timesteps, coding and recipe."""
     from .evaluate import compare
@@ -176,7 +178,7 @@ def evaluate_export(export: str | Path, data: str | Path, *, seq_len: int = 128,
     check_seq_len(model.config, seq_len)
     tokenizer = load_tokenizer_from(Path(export))
     windows = token_windows(tokenizer, texts, seq_len, max_tokens=max_tokens)
-    result = compare(model, windows, simulation, progress=verbose)
+    result = compare(model, windows, simulation, progress=progress)
     recipe = model.ann2snn["recipe"]
     result.update(timesteps=recipe["timesteps"], coding=recipe["coding"], recipe=recipe["name"])
     return result
@@ -197,9 +199,8 @@ def calibration_fingerprint(folder: Path, calib_data, samples: int, seq_len: int
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _say(message: str, verbose: bool) -> None:
-    if verbose:
-        print(message, file=sys.stderr, flush=True)
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _check_finetune_options(finetune, finetune_data, finetune_steps, finetune_rule, recipe, calib_data) -> list[str] | None:
@@ -221,7 +222,7 @@ def _check_finetune_options(finetune, finetune_data, finetune_steps, finetune_ru
 
 
 def _calibration(ann, tokenizer, recipe, folder, resume: Path, calib_data, calib_samples, seq_len, calib_stats, seed,
-                 main_process: bool, verbose: bool) -> tuple[dict | None, dict | None, list[str]]:
+                 main_process: bool, progress: bool) -> tuple[dict | None, dict | None, list[str]]:
     """(statistics, calibration summary, ["calibration"] if resumed): None, None with `calib_stats` (`convert` reads
     those); the statistics kept in `resume` by an earlier run with the same inputs; or a new calibration, kept in
     `resume` until the export is written."""
@@ -236,9 +237,9 @@ def _calibration(ann, tokenizer, recipe, folder, resume: Path, calib_data, calib
         except CheckpointError:  # a damaged leftover: calibrate again, and replace it
             saved, info = None, {}
         if info.get("fingerprint") == fingerprint:
-            _say(f"resuming from the calibration statistics saved in {resume}", verbose)
+            _note(f"resuming from the calibration statistics saved in {resume}")
             return saved, info, ["calibration"]
-    statistics, info = calibrate(ann, tokenizer, recipe, calib_data, calib_samples, seq_len, seed, progress=verbose)
+    statistics, info = calibrate(ann, tokenizer, recipe, calib_data, calib_samples, seq_len, seed, progress=progress)
     info["fingerprint"] = fingerprint
     if main_process:
         _keep_statistics(statistics, info, resume)
@@ -260,13 +261,13 @@ def _keep_statistics(statistics: dict, info: dict, resume: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _finetune(snn, tokenizer, texts, checkpoints: Path, verbose: bool, **settings) -> dict:
+def _finetune(snn, tokenizer, texts, checkpoints: Path, progress: bool, **settings) -> dict:
     """`ann2snn.finetune` with its checkpoints in `checkpoints`, resuming from the one there (same settings)."""
     from .finetune import finetune
 
     if (checkpoints / CHECKPOINT_FILE).is_file():
-        _say(f"resuming the fine-tune from the checkpoint in {checkpoints}", verbose)
-    return finetune(snn, tokenizer, texts, checkpoint_dir=checkpoints, resume=True, progress=verbose, **settings)
+        _note(f"resuming the fine-tune from the checkpoint in {checkpoints}")
+    return finetune(snn, tokenizer, texts, checkpoint_dir=checkpoints, resume=True, progress=progress, **settings)
 
 
 @contextmanager
@@ -288,7 +289,7 @@ def _summary(model, out: Path, meta: dict, outliers_asked, resumed: list[str], f
 
 
 def _convert_layer_by_layer(model, folder, out, chosen, options, recipe, calib_data, calib_samples, seq_len, calib_stats,
-                            dtype, seed, overwrite, trust_remote_code, finetune, device_map, verbose) -> dict:
+                            dtype, seed, overwrite, trust_remote_code, finetune, device_map, progress) -> dict:
     from .layerwise import convert_layer_by_layer
 
     refused = [flag for flag, given in (("--finetune", finetune), ("--device-map", device_map not in (None, "cpu")),
@@ -297,7 +298,7 @@ def _convert_layer_by_layer(model, folder, out, chosen, options, recipe, calib_d
         raise ConfigError(f"--layer-by-layer does not combine with {', '.join(refused)}; drop one of them")
     meta = convert_layer_by_layer(folder, out, recipe=recipe, calib_data=calib_data, calib_samples=calib_samples,
                                   seq_len=seq_len, calib_stats=calib_stats, seed=seed, dtype=dtype, overwrite=overwrite,
-                                  trust_remote_code=trust_remote_code, progress=verbose, **options)
+                                  trust_remote_code=trust_remote_code, progress=progress, **options)
     return _summary(model, out, meta, chosen.outliers, [], None)
 
 

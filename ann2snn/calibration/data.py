@@ -22,9 +22,9 @@ from ..errors import CalibrationDataError
 
 MAX_LINE_CHARS = 2_000_000  # one line longer than this is not prose; refuse rather than stall the tokenizer
 MAX_FILE_BYTES = 512 * 1024 * 1024
-# Fewest tokens calibration accepts (unless asked for fewer): on qwen2-tiny (phase, T=8), calibrating on 1024
-# tokens of the bundled text instead of the default 4096 keeps the held-out perplexity ratio within 1 % (see
-# docs/usage.md); one sentence (10 tokens) gives ×1.30.
+# Fewest tokens calibration accepts (unless asked for fewer). qwen2-tiny at phase T=8, held-out perplexity ratio
+# SNN/ANN by calibration tokens of the bundled text: 256 → 1.0094, 1024 → 1.0016, 4096 (the default) → 1.0006;
+# one sentence (10 tokens) gave 1.30 (docs/usage.md).
 MIN_TOKENS = 1024
 
 
@@ -170,26 +170,27 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, samples: int | None
     return windows
 
 
-def check_amount(windows: torch.Tensor, samples: int, seq_len: int, role: str = "calibration data",
+def check_amount(windows: torch.Tensor, samples: int, seq_len: int, warn: bool = True, role: str = "calibration data",
                  option: str = "--calib-data") -> None:
-    """Refuse `windows` holding fewer than `MIN_TOKENS` tokens (or than asked, when fewer were asked); warn with the
-    numbers when they hold fewer windows or shorter ones than the `samples` × `seq_len` asked."""
+    """Refuse `windows` holding fewer than `MIN_TOKENS` tokens (or than asked, when fewer were asked); with `warn`,
+    warn with the numbers when they hold fewer windows or shorter ones than the `samples` × `seq_len` asked."""
     asked, used = samples * seq_len, int(windows.numel())
     floor = min(MIN_TOKENS, asked)
     if used < floor:
         raise CalibrationDataError(f"the {role} gives {used} tokens, fewer than the {floor} ann2snn needs "
                                    f"({samples} windows of {seq_len} tokens were asked); pass more text with {option}")
-    if used < asked:
+    if warn and used < asked:
         warnings.warn(f"the {role} gives {windows.shape[0]} window(s) of {windows.shape[1]} tokens ({used} tokens), "
                       f"fewer than the {samples} of {seq_len} ({asked} tokens) asked; pass more text with {option} "
                       "for thresholds that hold on unseen text", TooLittleTextWarning, stacklevel=3)
 
 
-def calibration_windows(tokenizer, calib_data: str | Path | None, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_windows(tokenizer, calib_data: str | Path | None, samples: int, seq_len: int, seed: int,
+                        warn: bool = True) -> torch.Tensor:
     """The calibration windows: `samples` × `seq_len` tokens of `calib_data` (default: the bundled text), checked
     for amount (`check_amount`)."""
     windows = token_windows(tokenizer, read_texts(calib_data), seq_len, samples, seed)
-    check_amount(windows, samples, seq_len)
+    check_amount(windows, samples, seq_len, warn)
     return windows
 
 
