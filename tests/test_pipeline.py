@@ -19,7 +19,8 @@ from click.testing import CliRunner
 import ann2snn
 from ann2snn.calibration.data import MIN_TOKENS, TooLittleTextWarning, bundled_text
 from ann2snn.cli import main
-from ann2snn.errors import CalibrationDataError, CheckpointError, ConfigError, Interrupted
+from ann2snn.errors import CheckpointError, ConfigError, Interrupted
+from process_markers import wait_for_marker
 
 UNSEEN = str(bundled_text("unseen.txt"))
 SMALL_CALIBRATION = ["--calib-data", UNSEEN, "--calib-samples", "2", "--seq-len", "16"]
@@ -282,6 +283,13 @@ def test_help_and_version_do_not_import_torch(args):
     assert done.stdout.strip().splitlines()[-1] == "heavy: []"
 
 
+def test_the_cli_lists_the_fine_tuning_rules_there_are():
+    from ann2snn.cli_support import FINETUNE_RULES
+    from ann2snn.finetune.core import RULES
+
+    assert FINETUNE_RULES == RULES  # written out in the CLI so that --help does not import torch
+
+
 # Runs the CLI with `import torch` made slow and announced, so a Ctrl-C lands in the start-up imports.
 SLOW_TORCH = """
 import sys, time
@@ -307,17 +315,6 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     assert seen, "the start-up never reached `import torch`"
     assert proc.returncode == 130 and rest.strip() == "interrupted: nothing was written", rest
     assert not (tmp_path / "snn").exists()
-
-
-def wait_for_marker(proc, marker: str, timeout_s: float = 120) -> bool:
-    """Read the process's stderr until `marker` shows; False if it ends or `timeout_s` passes first."""
-    deadline = time.monotonic() + timeout_s
-    for line in proc.stderr:
-        if marker in line:
-            return True
-        if time.monotonic() > deadline:
-            return False
-    return False
 
 
 # --- smaller promises (17.6) ---------------------------------------------------------------------------
