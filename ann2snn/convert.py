@@ -1,4 +1,7 @@
-"""The conversion, in one call: calibrate → swap modules by the recipe's rules → (fine-tune) → export.
+"""The conversion of a model in memory: calibrate → swap modules by the recipe's rules.
+
+The whole pipeline, with its checks, resume files, fine-tune and export, is `ann2snn.convert_and_export`
+(pipeline.py, what `ann2snn convert` runs); these are its stages for a model already loaded:
 
     import ann2snn
     model, tokenizer = ann2snn.load_ann("qwen2-tiny")
