@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval comes with the test extra: pip install -e '.[test]'")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
