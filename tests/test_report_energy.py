@@ -223,3 +223,19 @@ def test_attention_sink_products_are_counted_on_the_spikes_that_drive_them():
     assert at("ac", "softmax.neuron") == sink_prob_spikes * dim
     # every query sees the sink: its neurons exist beside the visible keys (6 of 9) for each of the 2 heads
     assert at("neuron_inputs", "softmax.neuron") == heads * (length + 6)
+
+
+def test_report_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    import errno
+
+    import ann2snn.atomic
+    from ann2snn.errors import ConfigError
+    from ann2snn.report.render import check_out
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ann2snn.atomic.tempfile, "mkstemp", denied)
+    with pytest.raises(ConfigError, match="Permission denied") as caught:
+        check_out(tmp_path / "report")
+    assert "free disk space" not in str(caught.value) and not (tmp_path / "report").exists()

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, check_writable
 from ..errors import ConfigError
 from .build import combine
 
@@ -222,12 +222,14 @@ def check_out(out: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before any work, an --out that holds something, unless --overwrite and it is a report folder."""
     out = Path(out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        check_writable(out, ConfigError)
         return out
     if not overwrite:
         raise ConfigError(f"report folder {out} already exists; choose another --out or pass --overwrite")
     if not out.is_dir() or not _is_report(out):
         raise ConfigError(f"{out} is not an ann2snn report folder (no report.json); --overwrite replaces only a "
                           "report or an empty folder: choose another --out")
+    check_writable(out, ConfigError)
     return out
 
 
