@@ -31,7 +31,9 @@ from .errors import CheckpointError, ConfigError
 from .placement import place
 from .replace import apply_recipe
 
-FORMAT_VERSION = 2  # 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`)
+# 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`);
+# 3: Synapsis reading one tensor share one input neuron, stored under its first reader's name (format ≤ 2: one each)
+FORMAT_VERSION = 3
 SNN_CONFIG = "snn_config.json"
 CALIBRATION_FILE = "calibration.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -45,16 +47,25 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the second name of tied tensors (safetensors refuses shared storage)."""
-    seen, state = set(), {}
-    for name, tensor in model.state_dict().items():
+def second_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names of tensors already named earlier in `state`: tied weights, a neuron shared by several Synapsis."""
+    seen, second = set(), set()
+    for name, tensor in state.items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
         if key is not None and key in seen:
-            continue
+            second.add(name)
         seen.add(key)
-        state[name] = tensor.detach().contiguous().cpu()
-    return state
+    return second
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the second names (safetensors refuses shared storage), contiguous, on the CPU."""
+    second = second_names(state)
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in second}
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return unique_tensors(model.state_dict())
 
 
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
@@ -185,7 +196,8 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
     options = config["recipe"]
     recipe = get_recipe(options.get("name")).with_options(
         coding=options.get("coding"), timesteps=options.get("timesteps"), threshold=options.get("threshold"),
-        headroom=options.get("headroom"), outliers=tuple(options.get("outliers") or ()))
+        headroom=options.get("headroom"), outliers=tuple(options.get("outliers") or ()),
+        share_inputs=bool(options.get("share_inputs", False)))  # absent before format 3: one neuron per Synapsis
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or getattr(model_config, "dtype", None) or torch.float32)
     apply_recipe(model, recipe, statistics=None)
@@ -196,6 +208,7 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
         first = str(exc).strip().splitlines()[-1].strip()
         raise CheckpointError(f"the weights in {folder} do not fit its config ({first[:200]}); the export is damaged") from None
     tied = {"lm_head.weight"} if getattr(model_config, "tie_word_embeddings", False) else set()
+    tied |= second_names(model.state_dict())  # written once, under their first name (save)
     if unexpected or set(missing) - tied:
         problems = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
         raise CheckpointError(f"the weights in {folder} do not match its recipe ({', '.join(problems)}); the export is damaged")

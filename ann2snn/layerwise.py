@@ -41,7 +41,7 @@ from .calibration.calibrate import hand_over, load_statistics, observing, releas
 from .calibration.data import read_texts, token_windows
 from .convert import calibration_summary, check_sites, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
-from .export import write_beside_weights, write_shard, write_shard_index
+from .export import unique_tensors, write_beside_weights, write_shard, write_shard_index
 from .models import FINITE_CHUNK, check_weight_files, read_config
 from .recipes import Recipe, check_supported, get_recipe
 from .replace import CALIBRATION_ATTENTION, apply_recipe, matches
@@ -205,7 +205,7 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, re
             check_sites(found, statistics)
             apply_recipe(model, recipe, statistics, within=prefix)
             del found  # the replaced ANN modules: they still hold this layer's weights
-            state = {f"{prefix}.{name}": t.detach().contiguous() for name, t in layers[index].state_dict().items()}
+            state = unique_tensors({f"{prefix}.{name}": t for name, t in layers[index].state_dict().items()})
             weight_map.update(write_shard(tmp, state, index + 1, shards))
             del state
             layers[index].to("meta")

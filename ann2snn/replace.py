@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class BuildContext:
     config: object  # the model's transformers config
     statistics: dict[str, dict[str, torch.Tensor]] | None
     sinks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # attention module name → sink (key, value)
+    shared_neurons: dict = field(default_factory=dict)  # (parent name, rule) → the input neuron its readers share
 
     def delta(self, site: str, rule: Rule) -> torch.Tensor | None:
         if self.statistics is None:
@@ -64,6 +65,12 @@ def _observe_input(name: str, module: nn.Module, observers: dict) -> list:
 
 
 class SynapsisReplacement(Replacement):
+    """Every reader keeps its own site (statistics serve either way); a shared group's Δ is its first reader's.
+
+    Readers of one tensor see identical statistics (the observers' reservoirs are
+    seeded alike), so the first one's Δ is every one's: sharing changes no value.
+    """
+
     def sites(self, name, module):
         return [name]
 
@@ -71,7 +78,15 @@ class SynapsisReplacement(Replacement):
         return _observe_input(name, module, observers)
 
     def build(self, name, module, rule, ctx):
-        return Synapsis(module, ctx.code, ctx.delta(name, rule))
+        group = (name.rpartition(".")[0], rule) if rule.shared_input and ctx.recipe.share_inputs else None
+        neuron = ctx.shared_neurons.get(group)
+        if neuron is not None:
+            neuron.readers += 1
+            return Synapsis(module, ctx.code, neuron=neuron)
+        synapsis = Synapsis(module, ctx.code, ctx.delta(name, rule))
+        if group is not None:
+            ctx.shared_neurons[group] = synapsis.neuron
+        return synapsis
 
 
 class SNNSiLUReplacement(Replacement):

@@ -413,6 +413,8 @@ def build_report(model, windows: torch.Tensor, *, energy: EnergyModel | None = N
 
     modules: dict[str, dict] = {}
     spiking_mac = 0
+    # a neuron shared by several Synapsis (q/k/v, gate/up) is listed once, under its first reader's name
+    neuron_names = {module: name for name, module in model.named_modules() if isinstance(module, SignedNeuron)}
     for name, module in model.named_modules():
         if isinstance(module, SignedNeuron):
             steps = snn_at("neuron_updates", name)
@@ -427,7 +429,7 @@ def build_report(model, windows: torch.Tensor, *, energy: EnergyModel | None = N
             spiking_mac += ann_mac
             modules[name] = {
                 "kind": "synapsis", "layer": _layer_of(name), "in_features": module.in_features,
-                "out_features": module.out_features, "input_neuron": f"{name}.neuron",
+                "out_features": module.out_features, "input_neuron": neuron_names.get(module.neuron, f"{name}.neuron"),
                 "ac": snn_at("ac", f"{name}.synapse"), "shifts": snn_at("shifts", f"{name}.synapse"),
                 "bias_adds": snn_at("bias_adds", f"{name}.synapse"), "ann_mac": ann_mac,
             }

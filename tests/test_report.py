@@ -35,18 +35,18 @@ def counted(module, *inputs):
 
 
 def test_synapsis_phase_code_counts_by_hand():
-    # Phase code, T=3: weights 4, 2, 1; Δ = 1. The neuron fires (reset by subtraction, ±w_t/2 thresholds):
-    #   x =  5: +1 (v 5→1), +1 (1→−1), −1 (−1→0)  → 4 + 2 − 1 = 5, 3 spikes
+    # Phase code, T=3: weights 4, 2, 1; Δ = 1. The neuron fires (reset by subtraction, firing thresholds ±3, ±1.5, ±0.5):
+    #   x =  5: +1 (v 5→1), 0, +1 (1→0)             → 4 + 1 = 5, 2 spikes
     #   x =  0: nothing
-    #   x = −3: −1 (−3→1), +1 (1→−1), −1 (−1→0)   → −4 + 2 − 1 = −3, 3 spikes
-    # Per step: 2, 2, 2 spikes. out_features = 2: ACs = 6·2 = 12; shifts (steps t=0,1 weigh 4 and 2) = 4·2 = 8.
+    #   x = −3: 0 (−3 is not below −3), −1 (−3→−1), −1 (−1→0) → −2 − 1 = −3, 2 spikes
+    # Per step: 1, 1, 2 spikes. out_features = 2: ACs = 4·2 = 8; shifts (steps t=0,1 weigh 4 and 2) = 2·2 = 4.
     linear = nn.Linear(3, 2)
     synapsis = Synapsis(linear, SpikeCode("phase", 3), delta=torch.ones(3))
     x = torch.tensor([[5.0, 0.0, -3.0]])
     out, counts = counted(synapsis, x)
     assert torch.allclose(out, linear(x), atol=1e-5)  # exact on this grid
-    assert counts["spikes"] == 6 and counts["weighted_spikes"] == 4 and counts["positive_spikes"] == 3
-    assert counts["ac"] == 12 and counts["shifts"] == 8
+    assert counts["spikes"] == 4 and counts["weighted_spikes"] == 2 and counts["positive_spikes"] == 2
+    assert counts["ac"] == 8 and counts["shifts"] == 4
     assert counts["bias_adds"] == 2  # one row, two outputs
     assert counts["neuron_inputs"] == 3 and counts["neuron_updates"] == 9 and counts["encodings"] == 3
 

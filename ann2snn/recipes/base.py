@@ -23,6 +23,9 @@ class Rule:
     module_class: str  # part of the class name: "Linear", "Attention", "SiLU" (nn.SiLU, SiLUActivation)…
     replace_with: str  # a key of ann2snn.replace.REPLACEMENTS
     threshold: str | None = None  # overrides Recipe.threshold for these neurons
+    # The modules this rule matches under one parent read the same tensor (q/k/v after one RMSNorm):
+    # with Recipe.share_inputs they share one input neuron, calibrated at the first one's site.
+    shared_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Recipe:
     # margin costs a bit or two of resolution and saves the clipping. Ordered by min_levels.
     level_defaults: tuple[LevelDefault, ...] = ()
     outliers: tuple[str, ...] = ()  # "rotate", "smooth", "sink", or "auto" (sink where massive first-token activations show)
+    # One input neuron per group of Rule.shared_input modules: the same values, spikes fired once for all readers.
+    # Off only to load exports written before it (format < 3), whose readers may hold fine-tuned Δ of their own.
+    share_inputs: bool = True
     float_operations: tuple[str, ...] = field(default_factory=tuple)  # what stays in floating point, for users
 
     @property
@@ -93,5 +99,6 @@ class Recipe:
             "threshold": self.chosen_threshold,
             "headroom": self.chosen_headroom,
             "outliers": list(self.outliers),
+            "share_inputs": self.share_inputs,
             "rules": [dataclasses.asdict(rule) for rule in self.rules],
         }

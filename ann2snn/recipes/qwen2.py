@@ -1,6 +1,7 @@
 """ann2snn's recipe for Qwen2-style decoders (Qwen2, and Llama / Mistral, whose blocks match).
 
-Every Linear of every decoder layer becomes a Synapsis, both attention products
+Every Linear of every decoder layer becomes a Synapsis (q/k/v sharing one input
+neuron, gate/up another, as they read the same tensor), both attention products
 run as SNNMatmul on spike trains with SNNSoftmax between them, and the MLP's
 SiLU becomes SNNSiLU. Phase coding is the default: at T=8 it holds 511 levels
 per neuron where a rate code holds 17.
@@ -27,8 +28,11 @@ RECIPE = Recipe(
     description="Spike-driven Qwen2 / Llama / Mistral: Synapsis for every decoder Linear, spiking attention, SNNSiLU",
     model_types=("qwen2", "llama", "mistral"),
     rules=(
-        Rule(_LAYER + r"\.self_attn\.(q|k|v|o)_proj", "Linear", "synapsis"),
-        Rule(_LAYER + r"\.mlp\.(gate|up|down)_proj", "Linear", "synapsis"),
+        # q/k/v read one RMSNorm output, gate/up another: one input neuron each, its train fanned out.
+        Rule(_LAYER + r"\.self_attn\.(q|k|v)_proj", "Linear", "synapsis", shared_input=True),
+        Rule(_LAYER + r"\.self_attn\.o_proj", "Linear", "synapsis"),
+        Rule(_LAYER + r"\.mlp\.(gate|up)_proj", "Linear", "synapsis", shared_input=True),
+        Rule(_LAYER + r"\.mlp\.down_proj", "Linear", "synapsis"),
         Rule(_LAYER + r"\.self_attn", "Attention", "spiking_attention"),
         # SiLU's clip is the calibrated max, so SNNSiLU follows SiLU over the whole calibrated range.
         Rule(_LAYER + r"\.mlp\.act_fn", "SiLU", "snn_silu", threshold="max"),
