@@ -197,7 +197,8 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
     recipe = get_recipe(options.get("name")).with_options(
         coding=options.get("coding"), timesteps=options.get("timesteps"), threshold=options.get("threshold"),
         headroom=options.get("headroom"), outliers=tuple(options.get("outliers") or ()),
-        share_inputs=bool(options.get("share_inputs", False)))  # absent before format 3: one neuron per Synapsis
+        share_inputs=bool(options.get("share_inputs", False)),  # absent before format 3: one neuron per Synapsis
+        spiking_head=bool(options.get("spiking_head", False)))  # absent before format 3: a float lm_head
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or getattr(model_config, "dtype", None) or torch.float32)
     apply_recipe(model, recipe, statistics=None)

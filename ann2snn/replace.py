@@ -149,7 +149,7 @@ def matches(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, Rule
     """Every (name, module, rule) the recipe takes; the first matching rule wins."""
     found = []
     for name, module in model.named_modules():
-        for rule in recipe.rules:
+        for rule in recipe.active_rules:
             if rule.module_class in type(module).__name__ and re.fullmatch(rule.pattern, name):
                 found.append((name, module, rule))
                 break
@@ -173,10 +173,11 @@ def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sink
     `sinks` (from `attention_sink.compute_sinks`) fills the attention sink's
     constants; without them (loading an export) they are placeholders that the
     export's weights overwrite. `within` (a module name such as
-    "model.layers.3") limits the swap to that module (layer-by-layer conversion).
+    "model.layers.3", or "lm_head") limits the swap to that module and what it
+    holds (layer-by-layer conversion).
     """
     ctx = BuildContext(recipe, recipe.code, model.config, statistics, sinks)
-    found = [m for m in matches(model, recipe) if not within or m[0].startswith(within + ".")]
+    found = [m for m in matches(model, recipe) if not within or m[0] == within or m[0].startswith(within + ".")]
     if not found:
         raise RuntimeError(f"recipe {recipe.name!r} matched no module of {type(model).__name__}")
     for name, module, rule in found:
@@ -188,4 +189,23 @@ def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sink
             setattr(model.get_submodule(parent_name), child, replacement)
     if any(rule.replace_with == "spiking_attention" for _, _, rule in found):
         model.config._attn_implementation = ATTENTION_NAME
+    _retarget_tied_weights(model, {name for name, _, rule in found if rule.replace_with == "synapsis"})
     return model
+
+
+def _retarget_tied_weights(model: nn.Module, synapses: set[str]) -> None:
+    """A tied output embedding that became a Synapsis stays tied: `lm_head.weight` is now `lm_head.synapse.weight`.
+
+    transformers re-ties by these names (`tie_weights`, at load); the old name
+    would no longer be settable on the Synapsis.
+    """
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not tied or not any(target.rpartition(".")[0] in synapses for target in tied):
+        return
+    renamed = {}
+    for target, source in tied.items():
+        module, _, parameter = target.rpartition(".")
+        renamed[f"{module}.synapse.{parameter}" if module in synapses else target] = source
+    model._tied_weights_keys = renamed
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)

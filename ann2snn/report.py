@@ -439,8 +439,8 @@ def build_report(model, windows: torch.Tensor, *, energy: EnergyModel | None = N
             modules[name] = {"kind": "snn_matmul", "layer": _layer_of(name), "ac": snn_at("ac", name),
                              "shifts": snn_at("shifts", name), "ann_mac": ann_mac}
 
-    float_mac = {"lm_head": mac_at("lm_head")}
-    other_mac = mac_at(None) - spiking_mac - float_mac["lm_head"]
+    float_mac = {} if "lm_head" in modules else {"lm_head": mac_at("lm_head")}  # a spiking head is a Synapsis row
+    other_mac = mac_at(None) - spiking_mac - float_mac.get("lm_head", 0)
     if other_mac:
         float_mac["other float matmuls"] = other_mac
     float_flops: dict[str, int] = {}
@@ -589,7 +589,10 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
         # The export's weights already carry its outlier transforms: record them as applied so none is replayed.
         ann.ann2snn_transforms = list(outliers)
         extra["outliers"] = outliers
-    snn = convert(ann, recipe=options.get("name", "qwen2"), timesteps=timesteps, coding=options.get("coding"),
+    # the export's own structure (absent before format 3: one neuron per Synapsis, a float head)
+    own = own.with_options(share_inputs=bool(options.get("share_inputs", False)),
+                           spiking_head=bool(options.get("spiking_head", False)))
+    snn = convert(ann, recipe=own, timesteps=timesteps, coding=options.get("coding"),
                   threshold=threshold, headroom=headroom, statistics=statistics, calibration_info=info, seed=seed,
                   progress=False, **extra)
     return place(snn, device_map)

@@ -36,7 +36,8 @@ def _ids(tokenizer, n=48):
 def test_every_decoder_linear_and_attention_is_replaced(converted):
     model, _ = converted
     layers = SMALL["num_hidden_layers"]
-    assert sum(isinstance(m, Synapsis) for m in model.modules()) == 7 * layers
+    assert sum(isinstance(m, Synapsis) for m in model.modules()) == 7 * layers + 1
+    assert isinstance(model.lm_head, Synapsis)  # the spiking head (recipe default)
     assert sum(isinstance(m, SpikingAttention) for m in model.modules()) == layers
     assert sum(isinstance(m, SNNSiLU) for m in model.modules()) == layers
     assert not any(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.startswith("model.layers"))
@@ -110,7 +111,7 @@ def test_step_simulation_is_spike_driven_everywhere(bos_checkpoint, outliers, mo
     with torch.no_grad():
         model(_ids(tokenizer))
     layers = SMALL["num_hidden_layers"]
-    assert fed["synapse"] == {m for m in model.modules() if isinstance(m, SynapticWeights)} and len(fed["synapse"]) == 7 * layers
+    assert fed["synapse"] == {m for m in model.modules() if isinstance(m, SynapticWeights)} and len(fed["synapse"]) == 7 * layers + 1
     assert fed["matmul"] == {m for m in model.modules() if isinstance(m, SNNMatmul)} and len(fed["matmul"]) == 2 * layers
     assert fed["silu"] == silu_neurons and len(silu_neurons) == layers
     assert len(fed["sink"]) == (2 * layers if outliers else 0)
@@ -134,7 +135,7 @@ def test_readers_of_one_tensor_share_one_input_neuron_that_fires_once(converted)
             set_simulation(model, simulation)
             with torch.no_grad():
                 model(_ids(tokenizer))
-            assert len(calls) == len(set(calls)) == 4 * SMALL["num_hidden_layers"]  # q/k/v, o, gate/up, down
+            assert len(calls) == len(set(calls)) == 4 * SMALL["num_hidden_layers"] + 1  # q/k/v, o, gate/up, down; head
     finally:
         set_simulation(model, "fast")
         for h in handles:
@@ -165,7 +166,8 @@ def test_sharing_input_neurons_changes_no_value(qwen2_checkpoint, converted):
 
 def test_exports_written_before_shared_neurons_still_load(qwen2_checkpoint, tmp_path):
     """A format-2 export holds one Δ per Synapsis (fine-tuning may have moved them apart): loaded as it was."""
-    model, tokenizer = _convert(qwen2_checkpoint, timesteps=6, recipe=get_recipe("qwen2").with_options(share_inputs=False))
+    old_recipe = get_recipe("qwen2").with_options(share_inputs=False, spiking_head=False)
+    model, tokenizer = _convert(qwen2_checkpoint, timesteps=6, recipe=old_recipe)
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.neuron.delta.mul_(1.25)  # as a fine-tune might have
     ids = _ids(tokenizer)
@@ -173,15 +175,37 @@ def test_exports_written_before_shared_neurons_still_load(qwen2_checkpoint, tmp_
         before = model(ids).logits
     out = ann2snn.save(model, tmp_path / "old", tokenizer)
     config = json.loads((out / "snn_config.json").read_text())
-    del config["recipe"]["share_inputs"]
+    del config["recipe"]["share_inputs"], config["recipe"]["spiking_head"]
     config["format_version"] = 2
     (out / "snn_config.json").write_text(json.dumps(config))
     loaded = ann2snn.load(out)
     attention = loaded.model.layers[0].self_attn
-    assert attention.k_proj.neuron is not attention.q_proj.neuron
+    assert attention.k_proj.neuron is not attention.q_proj.neuron and type(loaded.lm_head) is torch.nn.Linear
     assert torch.equal(attention.k_proj.neuron.delta, model.model.layers[0].self_attn.k_proj.neuron.delta)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
+
+
+def test_spiking_head_is_a_tied_synapsis_through_export_and_can_be_turned_off(qwen2_checkpoint, converted, tmp_path):
+    """The head's Synapsis keeps the embedding's weight (one tensor, also after load); off, lm_head stays float."""
+    model, tokenizer = converted
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head" in model.ann2snn["statistics"]  # its input site: the final norm's output
+    out = ann2snn.save(model, tmp_path / "snn", tokenizer)
+    config = json.loads((out / "snn_config.json").read_text())
+    assert config["recipe"]["spiking_head"] is True and "lm_head" not in config["float_operations"]
+    loaded = ann2snn.load(out)
+    assert isinstance(loaded.lm_head, Synapsis) and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    float_head, _ = _convert(qwen2_checkpoint, timesteps=6, recipe=get_recipe("qwen2").with_options(spiking_head=False),
+                             calib_stats=out / "calibration.safetensors")
+    assert type(float_head.lm_head) is torch.nn.Linear and "lm_head" in float_head.ann2snn["float_operations"]
+    ids = _ids(tokenizer)
+    with torch.no_grad():  # the same decoder, only the head's input is quantised in one of them
+        hidden = model.model(ids).last_hidden_state
+        assert torch.equal(hidden, float_head.model(ids).last_hidden_state)
+        delta = model.lm_head.neuron.delta
+        expected = _rounded_counts(hidden.double(), delta.double(), 2**6 - 1).float() * delta
+        assert torch.allclose(model(ids).logits, float_head.lm_head(expected), atol=1e-5)
 
 
 def test_a_shared_neuron_is_trained_as_one(qwen2_checkpoint):
@@ -257,7 +281,7 @@ def test_export_round_trip_gives_the_same_logits_and_generates(converted, tmp_pa
 
 def test_llama_checkpoint_converts_with_the_same_rules(llama_checkpoint):
     model, tokenizer = _convert(llama_checkpoint)
-    assert sum(isinstance(m, Synapsis) for m in model.modules()) == 7 * SMALL["num_hidden_layers"]
+    assert sum(isinstance(m, Synapsis) for m in model.modules()) == 7 * SMALL["num_hidden_layers"] + 1
     with torch.no_grad():
         assert torch.isfinite(model(_ids(tokenizer)).logits).all()
 

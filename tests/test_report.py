@@ -150,7 +150,8 @@ def test_report_counts_are_consistent_with_shapes_and_spikes(small_report):
     assert q["ann_mac"] == tokens * hidden * heads * head_dim  # spikingjelly's MACCounter on the ANN pass
     assert q["ac"] == modules[q["input_neuron"]]["spikes"] * q["out_features"]
     assert modules["model.layers.0.self_attn.snn.qk"]["ann_mac"] == n * heads * s * s * head_dim
-    assert report["float_operations"]["mac"]["lm_head"] == tokens * hidden * config.vocab_size
+    assert modules["lm_head"]["ann_mac"] == tokens * hidden * config.vocab_size  # the spiking head (default)
+    assert "lm_head" not in report["float_operations"]["mac"]
     for name, m in modules.items():
         if m["kind"] == "neuron":
             assert m["neuron_updates"] == m["neuron_inputs"] * report["timesteps"] and 0 <= m["firing_rate"] <= 1
@@ -160,7 +161,7 @@ def test_report_counts_are_consistent_with_shapes_and_spikes(small_report):
     assert layer0["spikes"] == sum(m.get("spikes", 0) for m in in_layer0)
     assert layer0["ann_mac"] == sum(m.get("ann_mac", 0) for m in in_layer0)
     totals = report["totals"]
-    assert totals["snn_ac"] == sum(r["ac"] for r in report["layers"])
+    assert totals["snn_ac"] == sum(r["ac"] for r in report["layers"]) + modules["lm_head"]["ac"]  # the head is no layer
     assert totals["snn_shifts"] > 0  # phase code: weighted spikes
     assert all(r["cosine_similarity"] > 0.9 for r in report["layers"])
     assert report["tokens_scored"] == n * (s - 1) and 0 <= report["top1_agreement"] <= 1

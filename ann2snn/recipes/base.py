@@ -55,7 +55,20 @@ class Recipe:
     # One input neuron per group of Rule.shared_input modules: the same values, spikes fired once for all readers.
     # Off only to load exports written before it (format < 3), whose readers may hold fine-tuned Δ of their own.
     share_inputs: bool = True
+    # The output layer as a Synapsis too (its input neuron calibrated at the final norm's output, as any other);
+    # head_rules say which module that is. Off: lm_head stays a float matmul.
+    spiking_head: bool = False
+    head_rules: tuple[Rule, ...] = ()
     float_operations: tuple[str, ...] = field(default_factory=tuple)  # what stays in floating point, for users
+
+    @property
+    def active_rules(self) -> tuple[Rule, ...]:
+        """The rules a conversion applies: `rules`, and `head_rules` with `spiking_head`."""
+        return self.rules + (self.head_rules if self.spiking_head else ())
+
+    def operations_in_float(self) -> tuple[str, ...]:
+        """`float_operations` as this recipe converts: without "lm_head" when the head spikes."""
+        return tuple(op for op in self.float_operations if not (self.spiking_head and op == "lm_head"))
 
     @property
     def code(self) -> SpikeCode:
@@ -100,5 +113,6 @@ class Recipe:
             "headroom": self.chosen_headroom,
             "outliers": list(self.outliers),
             "share_inputs": self.share_inputs,
-            "rules": [dataclasses.asdict(rule) for rule in self.rules],
+            "spiking_head": self.spiking_head,
+            "rules": [dataclasses.asdict(rule) for rule in self.active_rules],
         }

@@ -3,7 +3,7 @@
 Every Linear of every decoder layer becomes a Synapsis (q/k/v sharing one input
 neuron, gate/up another, as they read the same tensor), both attention products
 run as SNNMatmul on spike trains with SNNSoftmax between them, and the MLP's
-SiLU becomes SNNSiLU. Phase coding is the default: at T=8 it holds 511 levels
+SiLU becomes SNNSiLU; lm_head becomes a Synapsis too (``spiking_head``). Phase coding is the default: at T=8 it holds 511 levels
 per neuron where a rate code holds 17.
 """
 
@@ -20,7 +20,7 @@ FLOAT_OPERATIONS = (
     "attention scaling 1/sqrt(head_dim)",
     "SNNSiLU's output table (SiLU read at the input neuron's level)",
     "gate ⊙ up product in the MLP",
-    "lm_head",
+    "lm_head",  # unless spiking_head (Recipe.operations_in_float)
 )
 
 RECIPE = Recipe(
@@ -37,6 +37,10 @@ RECIPE = Recipe(
         # SiLU's clip is the calibrated max, so SNNSiLU follows SiLU over the whole calibrated range.
         Rule(_LAYER + r"\.mlp\.act_fn", "SiLU", "snn_silu", threshold="max"),
     ),
+    # The head as a Synapsis too: its PPL ratio within 0.01 % of the float head's from T=8 on
+    # (docs/method.md, benchmarks/spiking_head.py), and the largest float matmul gone.
+    head_rules=(Rule(r"lm_head", "Linear", "synapsis"),),
+    spiking_head=True,
     coding="phase",
     timesteps=8,
     # From benchmarks/outliers.py (README): below 511 levels (phase T < 8) the MSE clip search wins;
