@@ -64,10 +64,6 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in second}
 
 
-def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return unique_tensors(model.state_dict())
-
-
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
     shards, current, size = [], {}, 0
     for name, tensor in state.items():
@@ -107,7 +103,7 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False,
     if out.exists() and not overwrite:
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     with atomic_folder(out, CheckpointError, overwrite) as tmp:
-        _write_weights(_unique_state(model), tmp, shard_bytes)
+        _write_weights(unique_tensors(model.state_dict()), tmp, shard_bytes)
         write_beside_weights(tmp, model.config, meta, tokenizer)
     return out
 

@@ -134,7 +134,7 @@ def test_phase_code_sends_every_count_with_the_fewest_spikes(T):
         assert five.spikes.abs().sum().item() == 2
 
 
-def test_rate_code_fires_at_half_a_step():
+def test_firing_thresholds_are_three_quarters_of_each_weight_and_one_half_for_unit_weights():
     assert torch.equal(SpikeCode("rate", 5).firing_thresholds(), torch.full((5,), 0.5))
     assert SpikeCode("phase", 4).firing_thresholds().tolist() == [6.0, 3.0, 1.5, 0.5]
 
