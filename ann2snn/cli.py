@@ -1,7 +1,9 @@
-"""The `ann2snn` command line: convert, generate, eval.
+"""The `ann2snn` command line: convert, generate, eval (finetune and report are registered at the end).
 
-Every user error is an `Ann2SnnError`: printed as one line on stderr with exit
-status 2, and nothing half-written left on disk.
+Each command parses its options, makes one call to `ann2snn.pipeline` and prints what it returns. Every
+user error is an `Ann2SnnError`: printed as one line on stderr with exit status 2, and nothing
+half-written left on disk. Nothing heavy is imported before a command runs, so `--help` and `--version`
+are quick and an early Ctrl-C ends in one line.
 """
 
 from __future__ import annotations
@@ -10,51 +12,7 @@ import json
 
 import click
 
-from .cli_support import clean_errors, device_map_option, positive
-from .finetune.core import RULES as FINETUNE_RULES
-
-
-def _calibration_fingerprint(folder, calib_data, samples, seq_len, seed, transforms) -> str:
-    """What calibration depends on, so a resumed convert reuses statistics only for the same inputs."""
-    import hashlib
-    from pathlib import Path
-
-    parts = [str(Path(folder).resolve()), (Path(folder) / "config.json").read_bytes().hex()[:4096], str(samples), str(seq_len), str(seed), ",".join(transforms)]
-    if calib_data is not None:
-        data = Path(calib_data)
-        parts += [str(data.resolve()), str(data.stat().st_size), str(data.stat().st_mtime_ns)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _world_size() -> int:
-    """How many processes torchrun started (1 without torchrun)."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _init_distributed() -> bool:
-    """Join the torchrun process group when there is one; True on the process that writes output."""
-    import torch
-    import torch.distributed as dist
-
-    if _world_size() <= 1:
-        return True
-    if not dist.is_initialized():
-        # the statistics are merged as CPU tensors: gloo carries those, NCCL (when there are GPUs) the rest
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank() == 0
-
-
-def _process_device(device_map: str) -> str:
-    """Under torchrun, 'cuda' and 'auto' mean this process's own GPU: the processes split the text, not the model."""
-    import os
-
-    import torch
-
-    if _world_size() > 1 and device_map in ("cuda", "auto") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return device_map
+from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positive
 
 
 @click.group()
@@ -81,7 +39,7 @@ def main():
 @click.option("--recipe", default="qwen2", show_default=True, help="Conversion recipe: qwen2 or braintransformers (baseline).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out that is an ann2snn export or an empty folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code shipped with the checkpoint to run (off by default).")
 @click.option("--finetune", "finetune", is_flag=True, help="Fine-tune the SNN after conversion, before export (see `ann2snn finetune`).")
 @click.option("--finetune-data", type=click.Path(), default=None, help="Text to fine-tune on (default: the calibration text).")
@@ -110,117 +68,33 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     --layer-by-layer reads, calibrates, converts and writes one decoder layer
     at a time (the same export; see ann2snn/layerwise.py).
     """
-    import shutil
-    from pathlib import Path
+    from .pipeline import convert_and_export
 
-    from . import convert as convert_model, load_ann, save
-    from .calibration.calibrate import load_statistics, save_statistics
-    from .calibration.data import read_texts
-    from .convert import calibrate
-    from .errors import ConfigError
-    from .models import parse_dtype, resolve_model
-    from .placement import check_device_map
-    from .recipes import get_recipe
-
-    # Check what is cheap to check before loading anything.
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    options = dict(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers)
-    get_recipe(recipe).with_options(**options)
-    device_map = check_device_map(_process_device(device_map))
-    if calib_stats is None:
-        read_texts(calib_data)
-    given = [name for name, value in (("--finetune-data", finetune_data), ("--finetune-steps", finetune_steps),
-                                      ("--finetune-rule", finetune_rule)) if value is not None]
-    if given and not finetune:
-        raise ConfigError(f"{', '.join(given)} only apply with --finetune; add --finetune or drop them")
-    if finetune:
-        if recipe == "braintransformers":
-            raise ConfigError("--finetune needs the qwen2 recipe (the braintransformers baseline has no calibrated thresholds)")
-        finetune_texts = read_texts(finetune_data if finetune_data is not None else calib_data)
-        finetune_rule = finetune_rule or "distill"
-        finetune_steps = finetune_steps or 200
-    folder = resolve_model(model)
-    if layer_by_layer:
-        _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, calib_samples, seq_len, calib_stats,
-                                dtype, seed, overwrite, trust_remote_code, finetune, device_map)
+    summary = convert_and_export(
+        model, out_dir, recipe=recipe, timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
+        outliers=outliers, calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len, calib_stats=calib_stats,
+        dtype=dtype, seed=seed, overwrite=overwrite, trust_remote_code=trust_remote_code, finetune=finetune,
+        finetune_data=finetune_data, finetune_steps=finetune_steps, finetune_rule=finetune_rule,
+        layer_by_layer=layer_by_layer, device_map=device_map)
+    if summary is None:  # a torchrun process other than the first: the first one writes and reports
         return
-    ann, tokenizer = load_ann(str(folder), parse_dtype(dtype), trust_remote_code, device_map)
-    main_process = _init_distributed()  # under torchrun: calibrate on every process, export from the first
+    recipe = summary["recipe"]
+    outliers = ",".join(recipe["outliers"]) or "none"
+    if summary["outliers_asked"] == ["auto"]:  # say what auto decided, and why
+        calibration = summary["calibration"]
+        outliers = f"auto → {outliers}" + (f" (sink {calibration['sink']}, first-token ratio {calibration['first_token_ratio']})"
+                                          if "sink" in calibration else "")
+    click.echo(f"converted {model} → {summary['out']} (recipe {recipe['name']}, {recipe['coding']} coding, "
+               f"T={recipe['timesteps']}, {recipe['levels']} levels, thresholds: {recipe['threshold']} "
+               f"×{recipe['headroom']:g}, outliers: {outliers})")
+    figures = summary["finetune"]
+    if figures is not None:
+        from .finetune import gap_reduction
 
-    statistics, info = None, None
-    resume = out.parent / f".{out.name}.calibration.safetensors"  # survives an interrupted export
-    transforms = get_recipe(recipe).with_options(**options).outliers
-    fingerprint = _calibration_fingerprint(folder, calib_data, calib_samples, seq_len, seed, transforms)
-    if calib_stats is None and resume.is_file():
-        saved, info = load_statistics(resume)
-        if info.get("fingerprint") == fingerprint:
-            statistics = saved
-            click.echo(f"resuming from the calibration statistics saved in {resume}", err=True)
-    if calib_stats is None and statistics is None:
-        statistics, info = calibrate(ann, tokenizer, get_recipe(recipe).with_options(**options), calib_data,
-                                     calib_samples, seq_len, seed)
-        info["fingerprint"] = fingerprint
-        if not main_process:
-            return
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = resume.with_name(resume.name + ".partial")
-        try:
-            save_statistics(statistics, partial, info)
-            partial.replace(resume)
-        finally:
-            partial.unlink(missing_ok=True)
-    snn = convert_model(ann, tokenizer, recipe=recipe, statistics=statistics, calibration_info=info,
-                        calib_stats=calib_stats, seed=seed, **options)
-    checkpoints = out.parent / f".{out.name}.finetune"
-    if finetune:
-        from .finetune import finetune as finetune_model, gap_reduction
-
-        if (checkpoints / "finetune-checkpoint.pt").is_file():
-            click.echo(f"resuming the fine-tune from the checkpoint in {checkpoints}", err=True)
-        try:
-            figures = finetune_model(snn, tokenizer, finetune_texts, rule=finetune_rule, steps=finetune_steps, seed=seed,
-                                     seq_len=seq_len, checkpoint_dir=checkpoints, resume=True)
-        except KeyboardInterrupt:
-            if (checkpoints / "finetune-checkpoint.pt").is_file():
-                click.echo(f"the checkpoint in {checkpoints} keeps the fine-tuning progress: rerun the same command to resume",
-                           err=True)
-            raise
-        snn.ann2snn["finetune"]["data"] = str(finetune_data or calib_data or "bundled")
-    save(snn, out, tokenizer, overwrite=overwrite)
-    resume.unlink(missing_ok=True)
-    if finetune:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    _report_conversion(model, out, snn.ann2snn["recipe"])
-    if finetune:
-        click.echo(f"fine-tuned ({finetune_rule}, {finetune_steps} steps): held-out perplexity ANN {figures['ppl_ann']:.3f}  "
-                   f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
+        click.echo(f"fine-tuned ({figures['rule']}, {figures['steps']} steps): held-out perplexity ANN "
+                   f"{figures['ppl_ann']:.3f}  SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                    f"(gap closed {gap_reduction(figures):.1f}%)"
                    + ("; it made the held-out loss worse, so it was undone" if figures["reverted"] else ""))
-
-
-def _report_conversion(model, out, summary) -> None:
-    click.echo(f"converted {model} → {out} (recipe {summary['name']}, {summary['coding']} coding, T={summary['timesteps']}, "
-               f"{summary['levels']} levels, thresholds: {summary['threshold']} ×{summary['headroom']:g}, "
-               f"outliers: {','.join(summary['outliers']) or 'none'})")
-
-
-def _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, calib_samples, seq_len, calib_stats, dtype,
-                            seed, overwrite, trust_remote_code, finetune, device_map) -> None:
-    from .errors import ConfigError
-    from .layerwise import convert_layer_by_layer
-    from .models import load_tokenizer_from, parse_dtype
-
-    refused = [flag for flag, given in (("--finetune", finetune), ("--device-map", device_map not in (None, "cpu")),
-                                        ("torchrun", _world_size() > 1)) if given]
-    if refused:
-        raise ConfigError(f"--layer-by-layer does not combine with {', '.join(refused)}; drop one of them")
-    tokenizer = load_tokenizer_from(folder, trust_remote_code)
-    meta = convert_layer_by_layer(folder, out, tokenizer, recipe=recipe, calib_data=calib_data, calib_samples=calib_samples,
-                                  seq_len=seq_len, calib_stats=calib_stats, seed=seed, dtype=parse_dtype(dtype), overwrite=overwrite,
-                                  trust_remote_code=trust_remote_code, **options)
-    _report_conversion(model, out, meta["recipe"])
 
 
 @main.command()
@@ -233,16 +107,9 @@ def _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, cal
 @clean_errors
 def generate(export_dir, prompt, max_new_tokens, simulation, device_map):
     """Generate text with an exported SNN (greedy, with key/value cache)."""
-    from . import load, load_tokenizer, set_simulation
-    from .placement import check_device_map
+    from .pipeline import generate_text
 
-    model = load(export_dir, device_map=check_device_map(device_map))
-    tokenizer = load_tokenizer(export_dir)
-    set_simulation(model, simulation)
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    click.echo(tokenizer.decode(output[0], skip_special_tokens=True))
+    click.echo(generate_text(export_dir, prompt, max_new_tokens=max_new_tokens, simulation=simulation, device_map=device_map))
 
 
 @main.command(name="eval")
@@ -256,19 +123,10 @@ def generate(export_dir, prompt, max_new_tokens, simulation, device_map):
 @clean_errors
 def evaluate(export_dir, data, seq_len, max_tokens, simulation, as_json, device_map):
     """Perplexity of the ANN and the SNN on --data, and how often their top-1 tokens agree."""
-    from . import load, load_tokenizer
-    from .calibration.data import read_texts, token_windows
-    from .evaluate import compare
-    from .placement import check_device_map
+    from .pipeline import evaluate_export
 
-    device_map = check_device_map(device_map)
-    texts = read_texts(data)
-    model = load(export_dir, device_map=device_map)
-    tokenizer = load_tokenizer(export_dir)
-    windows = token_windows(tokenizer, texts, seq_len, max_tokens=max_tokens)
-    result = compare(model, windows, simulation, progress=not as_json)
-    recipe = model.ann2snn["recipe"]
-    result.update(timesteps=recipe["timesteps"], coding=recipe["coding"], recipe=recipe["name"])
+    result = evaluate_export(export_dir, data, seq_len=seq_len, max_tokens=max_tokens, simulation=simulation,
+                             device_map=device_map, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
     else:

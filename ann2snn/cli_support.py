@@ -1,7 +1,7 @@
-"""What every `ann2snn` subcommand shares: one-line errors, clean interrupts, option checks.
+"""What every `ann2snn` subcommand shares: one-line errors, warnings and interrupts, option checks.
 
 Kept apart from cli.py so that subcommands in their own modules (report_cli.py, …) can import it
-without importing cli.py, which registers them.
+without importing cli.py, which registers them. It imports nothing heavy (no torch).
 """
 
 from __future__ import annotations
@@ -9,14 +9,23 @@ from __future__ import annotations
 import functools
 import signal
 import sys
+import warnings
 
 import click
 
-from .errors import Ann2SnnError
+from .errors import Ann2SnnError, Interrupted
+
+# ann2snn.finetune.core.RULES, written out: importing it would import torch, and --help must not (tested equal)
+FINETUNE_RULES = ("distill", "stdp")
 
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings (e.g. too little calibration text) as one line on stderr, like the errors."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def clean_errors(command):
@@ -25,10 +34,17 @@ def clean_errors(command):
         # SIGTERM unwinds like Ctrl-C, so atomic writers clean up their partial folders.
         signal.signal(signal.SIGTERM, interrupt)
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = one_line_warning
+                return command(*args, **kwargs)
         except Ann2SnnError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Interrupted as exc:
+            kept = ", ".join(str(path) for path in exc.kept)
+            click.echo(f"interrupted: no export was written; {kept} kept to resume from: rerun the same command to "
+                       "continue (or delete them)", err=True)
+            sys.exit(130)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             sys.exit(130)

@@ -1,4 +1,7 @@
-"""The conversion, in one call: calibrate → swap modules by the recipe's rules → (fine-tune) → export.
+"""The conversion of a model in memory: calibrate → swap modules by the recipe's rules.
+
+The whole pipeline, with its checks, resume files, fine-tune and export, is `ann2snn.convert_and_export`
+(pipeline.py, what `ann2snn convert` runs); these are its stages for a model already loaded:
 
     import ann2snn
     model, tokenizer = ann2snn.load_ann("qwen2-tiny")
@@ -14,10 +17,11 @@ import torch
 
 from .attention_sink import attached, compute_sinks, resolve_outliers
 from .calibration.calibrate import collect_statistics, load_statistics
-from .calibration.data import read_texts, token_windows
+from .calibration.data import calibration_windows
 from .recipes import check_supported, get_recipe
 from .recipes.base import Recipe
 from .errors import CheckpointError
+from .models import check_seq_len
 from .replace import REPLACEMENTS, apply_recipe, matches
 from .transforms import rotate, smooth
 
@@ -78,7 +82,8 @@ def calibrate(model, tokenizer, recipe: str | Recipe = "qwen2", calib_data: str 
               calib_samples: int = 32, seq_len: int = 128, seed: int = 0, progress: bool = True) -> tuple[dict, dict]:
     """Run the ANN over the calibration text; returns (statistics, a summary for snn_config.json)."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
+    check_seq_len(model.config, seq_len)
+    windows = calibration_windows(tokenizer, calib_data, calib_samples, seq_len, seed)
     outliers, sink_note = resolve_outliers(model, recipe.outliers, windows[0])
     recipe = recipe.with_options(outliers=outliers)
     if "rotate" in recipe.outliers and "rotate" not in _applied(model):

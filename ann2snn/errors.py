@@ -32,3 +32,11 @@ class ConfigError(Ann2SnnError):
 
 class NumericalError(Ann2SnnError):
     """NaN or Inf met in weights or activations."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM after a command kept files to resume from: `kept` names them (a rerun resumes there)."""
+
+    def __init__(self, kept: list):
+        super().__init__()
+        self.kept = kept

@@ -4,7 +4,8 @@ An export folder holds:
 - `config.json` — the original model's configuration;
 - `snn_config.json` — format version, recipe (coding, T, threshold rule,
   rules), which operations stay in floating point, calibration summary,
-  package versions, and the SHA-256 of every other file;
+  package versions, the SHA-256 of every other file, and its own SHA-256
+  (`config_sha256`, of the file's content without that field);
 - `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards with an
   index) — weights and every neuron's step Δ;
 - `calibration.safetensors` — the statistics, reusable by `--calib-stats`;
@@ -12,7 +13,9 @@ An export folder holds:
 
 Writing is atomic: everything goes to a hidden sibling folder that is renamed
 into place only when complete, so an interrupted or failed export leaves no
-half-written folder. Loading verifies every hash and refuses a tampered export.
+half-written folder. `--overwrite` replaces only an ann2snn export or an empty
+folder (`check_output`). Loading verifies every hash, snn_config.json's own
+included, checks the recipe's values, and refuses a tampered export.
 """
 
 from __future__ import annotations
@@ -26,15 +29,19 @@ from safetensors import SafetensorError as SafetensorsError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .atomic import atomic_folder
+from .atomic import atomic_folder, check_writable
+from .calibration.thresholds import THRESHOLD_RULES
 from .errors import CheckpointError, ConfigError
 from .placement import place
 from .replace import apply_recipe
+from .transforms import OUTLIER_OPTIONS
 
-# 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`);
-# 3: Synapsis reading one tensor share one input neuron, stored under its first reader's name (format ≤ 2: one each)
-FORMAT_VERSION = 3
+# 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`); 3: snn_config.json holds its own SHA-256;
+# 4: Synapsis reading one tensor share one input neuron, stored under its first reader's name, and lm_head may spike
+# (recipe "share_inputs", "spiking_head"; before: one neuron per Synapsis, a float head)
+FORMAT_VERSION = 4
 SNN_CONFIG = "snn_config.json"
+CONFIG_HASH = "config_sha256"
 CALIBRATION_FILE = "calibration.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -94,14 +101,44 @@ def write_shard_index(folder: Path, weight_map: dict[str, str]) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2, sort_keys=True))
 
 
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds an snn_config.json that reads as an ann2snn export's (damaged or not)."""
+    try:
+        config = json.loads((folder / SNN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("format_version"), int) and isinstance(config.get("files"), dict)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that may not be replaced or cannot be written.
+
+    `overwrite` replaces an ann2snn export or an empty folder, nothing else: a
+    file or a folder of other things is the user's and is refused by name.
+    """
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} is a file, not a folder; choose another --out "
+                              "(--overwrite replaces only an ann2snn export or an empty folder)")
+        if not overwrite:
+            raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+        contents = sorted(p.name for p in out.iterdir())
+        if contents and not is_export(out):
+            shown = ", ".join(contents[:3]) + (", …" if len(contents) > 3 else "")
+            raise ConfigError(f"{out} is not an ann2snn export (it holds {shown}); --overwrite replaces only an export "
+                              "or an empty folder: choose another --out")
+    check_writable(out, ConfigError)
+
+
 def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write the converted `model` (from `ann2snn.convert`) to `out_dir`, atomically."""
+    """Write the converted `model` (from `ann2snn.convert`) to `out_dir`, atomically.
+
+    `overwrite` replaces an existing ann2snn export or empty folder there (never anything else)."""
     meta = getattr(model, "ann2snn", None)
     if meta is None:
         raise ConfigError("this model was not converted by ann2snn; call ann2snn.convert first")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    check_output(out, overwrite)
     with atomic_folder(out, CheckpointError, overwrite) as tmp:
         _write_weights(unique_tensors(model.state_dict()), tmp, shard_bytes)
         write_beside_weights(tmp, model.config, meta, tokenizer)
@@ -119,9 +156,16 @@ def write_beside_weights(folder: Path, config, meta: dict, tokenizer=None) -> No
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     files = {p.name: sha256(p) for p in sorted(folder.iterdir())}
-    snn_config = {key: value for key, value in meta.items() if key != "statistics"}
+    snn_config = {key: value for key, value in meta.items() if key not in ("statistics", CONFIG_HASH)}
     snn_config.update({"format_version": FORMAT_VERSION, "ann2snn_version": __version__, "files": files})
+    snn_config[CONFIG_HASH] = config_digest(json.loads(json.dumps(snn_config)))  # digest of what is read back
     (folder / SNN_CONFIG).write_text(json.dumps(snn_config, indent=2, sort_keys=True) + "\n")
+
+
+def config_digest(config: dict) -> str:
+    """SHA-256 of snn_config.json's content without its own digest, in one canonical JSON form."""
+    content = {key: value for key, value in config.items() if key != CONFIG_HASH}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_snn_config(folder: Path) -> dict:
@@ -147,7 +191,35 @@ def read_snn_config(folder: Path) -> dict:
         raise CheckpointError(f"{path} lists outlier transforms that are not names; the export is damaged")
     if not all(isinstance(v, str) and isinstance(k, str) and "\x00" not in k for k, v in config["files"].items()):
         raise CheckpointError(f"{path} lists files wrongly; the export is damaged")
+    if config["format_version"] >= 3 and config.get(CONFIG_HASH) != config_digest(config):
+        raise CheckpointError(f"{path} does not match its own SHA-256 ({CONFIG_HASH}); the export's configuration was "
+                              "modified or damaged")
+    export_recipe(path, recipe)
     return config
+
+
+def export_recipe(path: Path, recipe: dict):
+    """The `Recipe` that snn_config.json's "recipe" describes; values outside their valid sets are refused by name
+    (a hand-edited or damaged snn_config.json)."""
+    from .recipes import get_recipe
+
+    unknown = [o for o in recipe["outliers"] if o not in OUTLIER_OPTIONS]
+    if unknown:
+        raise CheckpointError(f"{path}: outliers {', '.join(unknown)} is not one of {', '.join(OUTLIER_OPTIONS)}; "
+                              "the export is damaged")
+    if recipe["threshold"] not in THRESHOLD_RULES:
+        raise CheckpointError(f"{path}: threshold {recipe['threshold']!r} is not one of {', '.join(THRESHOLD_RULES)}; "
+                              "the export is damaged")
+    flags = {key: recipe.get(key, False) for key in ("share_inputs", "spiking_head")}  # absent before format 4: off
+    wrong = [key for key, value in flags.items() if not isinstance(value, bool)]
+    if wrong:
+        raise CheckpointError(f"{path}: {wrong[0]} {flags[wrong[0]]!r} is not true or false; the export is damaged")
+    try:
+        return get_recipe(recipe["name"]).with_options(
+            coding=recipe["coding"], timesteps=recipe["timesteps"], threshold=recipe["threshold"],
+            headroom=recipe.get("headroom"), outliers=tuple(recipe["outliers"]), **flags)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}; the export is damaged") from None
 
 
 def verify(folder: Path, config: dict) -> None:
@@ -182,19 +254,12 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
     `device_map`: None / "cpu", a device ("cuda:0") or "auto" (spread over the GPUs; `ann2snn.placement`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .recipes import get_recipe
-
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"export folder {folder} does not exist; pass the --out folder of ann2snn convert")
     config = read_snn_config(folder)
     verify(folder, config)
-    options = config["recipe"]
-    recipe = get_recipe(options.get("name")).with_options(
-        coding=options.get("coding"), timesteps=options.get("timesteps"), threshold=options.get("threshold"),
-        headroom=options.get("headroom"), outliers=tuple(options.get("outliers") or ()),
-        share_inputs=bool(options.get("share_inputs", False)),  # absent before format 3: one neuron per Synapsis
-        spiking_head=bool(options.get("spiking_head", False)))  # absent before format 3: a float lm_head
+    recipe = export_recipe(folder / SNN_CONFIG, config["recipe"])
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or getattr(model_config, "dtype", None) or torch.float32)
     apply_recipe(model, recipe, statistics=None)
@@ -210,5 +275,6 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
         problems = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
         raise CheckpointError(f"the weights in {folder} do not match its recipe ({', '.join(problems)}); the export is damaged")
     model.tie_weights()
-    model.ann2snn = {key: value for key, value in config.items() if key not in ("files", "format_version", "ann2snn_version")}
+    model.ann2snn = {key: value for key, value in config.items()
+                     if key not in ("files", "format_version", "ann2snn_version", CONFIG_HASH)}
     return place(model, device_map).eval()

@@ -9,15 +9,14 @@ import json
 
 import click
 
-from .cli_support import clean_errors, device_map_option, positive
-from .finetune.core import RULES
+from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positive
 
 
 @click.command()
 @click.argument("export_dir", type=click.Path())
 @click.option("--data", type=click.Path(), required=True, help="Text to fine-tune on (.txt, .jsonl or folder of .txt).")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Export folder for the result (must not exist unless --overwrite).")
-@click.option("--rule", type=click.Choice(RULES), default="distill", show_default=True,
+@click.option("--rule", type=click.Choice(FINETUNE_RULES), default="distill", show_default=True,
               help="distill: gradient (STE) on thresholds towards the ANN; stdp: reward-modulated STDP on weights.")
 @click.option("--steps", type=int, default=200, show_default=True, callback=positive, help="Training batches.")
 @click.option("--lr", type=float, default=None, help="distill: Adam rate on log-thresholds (default 3e-2, cosine schedule); stdp: rate η (default 8).")
@@ -27,8 +26,8 @@ from .finetune.core import RULES
 @click.option("--train-weights", is_flag=True, help="distill: also train the Synapsis weights (stdp always adapts them).")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, callback=positive,
               help="Steps between checkpoints (kept beside --out until the export is written).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run with the same options from its checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--resume", is_flag=True, hidden=True, help="No effect: a rerun with the same options always resumes.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out that is an ann2snn export or an empty folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="A rule option, repeatable (stdp: teacher=network, min_improvement=0, a_minus=0.5, ...; "
@@ -41,62 +40,24 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
 
     The last windows of --data are held out of training; the figures printed
     (ANN and SNN perplexity, before and after) are measured on them.
+
+    The checkpoint is kept beside --out until the export is written: an
+    interrupted run resumes from it when rerun with the same options.
     """
-    import shutil
-    from pathlib import Path
+    from .pipeline import finetune_export
 
-    from . import load, load_tokenizer, save
-    from .calibration.calibrate import load_statistics
-    from .calibration.data import read_texts
-    from .errors import CheckpointError, ConfigError
-    from .export import CALIBRATION_FILE
-    from .finetune import finetune as finetune_model, gap_reduction
-    from .finetune.core import check_rule_options
-    from .placement import check_device_map
-
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    if lr is not None and not lr > 0:
-        raise ConfigError(f"--lr must be positive, got {lr}")
-    rule_options = _parse_options(options)
-    check_rule_options(rule, rule_options)
-    device_map = check_device_map(device_map)
-    texts = read_texts(data)
-    model = load(export_dir, device_map=device_map)
-    try:
-        tokenizer = load_tokenizer(export_dir)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{export_dir} holds no usable tokenizer ({type(exc).__name__}); export it with its tokenizer") from None
-    calibration = Path(export_dir) / CALIBRATION_FILE
-    if calibration.is_file():  # carried over, so the new export can feed --calib-stats too
-        model.ann2snn["statistics"], _ = load_statistics(calibration)
-
-    checkpoints = out.parent / f".{out.name}.finetune"
-    if resume and not (checkpoints / "finetune-checkpoint.pt").is_file():
-        click.echo(f"no checkpoint in {checkpoints}: starting from step 0", err=True)
-    elif not resume and checkpoints.exists():
-        click.echo(f"starting over: the checkpoint in {checkpoints} is replaced (pass --resume to continue it)", err=True)
-        shutil.rmtree(checkpoints)
-    try:
-        figures = finetune_model(model, tokenizer, texts, rule=rule, steps=steps, lr=lr, seed=seed,
-                                 batch_size=batch_size, seq_len=seq_len, checkpoint_dir=checkpoints, resume=resume,
-                                 train_weights=train_weights, progress=not as_json, checkpoint_every=checkpoint_every,
-                                 **rule_options)
-    except KeyboardInterrupt:
-        if (checkpoints / "finetune-checkpoint.pt").is_file():
-            click.echo(f"the checkpoint in {checkpoints} keeps the progress: rerun with --resume", err=True)
-        raise
-    save(model, out, tokenizer, overwrite=overwrite)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    figures["out"] = str(out)
+    figures = finetune_export(export_dir, data, out_dir, rule=rule, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
+                              seq_len=seq_len, train_weights=train_weights, checkpoint_every=checkpoint_every,
+                              overwrite=overwrite, device_map=device_map, progress=not as_json, **_parse_options(options))
     if as_json:
         click.echo(json.dumps(figures, sort_keys=True))
         return
+    from .finetune import gap_reduction
+
     changed = f"thresholds changed {figures['thresholds_changed']}/{figures['thresholds_total']}"
     if figures.get("mean_abs_dw"):
         changed += f", mean |Δw| {figures['mean_abs_dw']:.3g}"
-    click.echo(f"fine-tuned ({rule}, {steps} steps) → {out}\n"
+    click.echo(f"fine-tuned ({rule}, {steps} steps) → {figures['out']}\n"
                f"held-out ({figures['held_out_tokens']} tokens): perplexity ANN {figures['ppl_ann']:.3f}  "
                f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                f"(gap closed {gap_reduction(figures):.1f}%)\n"

@@ -1,7 +1,7 @@
 """Layer-by-layer conversion: a checkpoint larger than memory, one decoder layer at a time.
 
 `convert_layer_by_layer(folder, out, ...)` gives the export that
-``ann2snn.save(ann2snn.convert(load_ann(folder), ...), out)`` gives — the same
+``ann2snn.save(ann2snn.convert(*load_ann(folder), ...), out)`` gives — the same
 tensors, statistics and snn_config.json (tested) — while holding in memory only
 the embedding, the final norm and head, **one decoder layer**, the calibration
 hidden states between layers and the statistics gathered so far:
@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
 from .calibration.calibrate import hand_over, load_statistics, observing, release_memory
-from .calibration.data import read_texts, token_windows
+from .calibration.data import calibration_windows
 from .convert import calibration_summary, check_sites, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
-from .export import unique_tensors, write_beside_weights, write_shard, write_shard_index
-from .models import FINITE_CHUNK, check_weight_files, read_config
+from .export import check_output, unique_tensors, write_beside_weights, write_shard, write_shard_index
+from .models import FINITE_CHUNK, check_seq_len, check_weight_files, load_tokenizer_from, parse_dtype, read_config, resolve_model
 from .recipes import Recipe, check_supported, get_recipe
 from .replace import CALIBRATION_ATTENTION, apply_recipe, matches
 
@@ -142,28 +142,33 @@ def _layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[t
 
 
 @torch.no_grad()  # the hidden states carried between layers must not hold every earlier layer's graph
-def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, recipe: str | Recipe = "qwen2",
+def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, *, recipe: str | Recipe = "qwen2",
                            timesteps: int | None = None, coding: str | None = None, threshold: str | None = None,
                            headroom: float | None = None, outliers: tuple[str, ...] | None = None,
                            calib_data: str | Path | None = None, calib_samples: int = 32, seq_len: int = 128,
-                           calib_stats: str | Path | None = None, seed: int = 0, dtype: torch.dtype | None = None,
+                           calib_stats: str | Path | None = None, seed: int = 0, dtype: torch.dtype | str | None = None,
                            overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
                            batch_size: int = 4) -> dict:
-    """Convert the checkpoint in `folder` to an export in `out`, one decoder layer in memory at a time.
+    """Convert the checkpoint `folder` to an export in `out`, one decoder layer in memory at a time.
 
+    `folder` is what `ann2snn.load_ann` takes (a checkpoint folder, a hub id, a short name or 'qwen2-tiny');
+    `tokenizer` defaults to the checkpoint's; `dtype` is a torch dtype or its name ("bfloat16", "auto").
     Options as `ann2snn.convert` (`outliers` must be empty); returns the export's
     metadata (what ``ann2snn.load(out).ann2snn`` holds, plus the statistics).
     With `calib_stats` (an export's calibration.safetensors, gathered without
     outlier handling) nothing runs: each layer is only read, converted and written.
     """
-    folder, out = Path(folder), Path(out)
+    folder, out = resolve_model(str(folder)), Path(out)
     read_config(folder, trust_remote_code)
     check_weight_files(folder)
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
                                  outliers=outliers)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    check_output(out, overwrite)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if tokenizer is None:
+        tokenizer = load_tokenizer_from(folder, trust_remote_code)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -179,7 +184,8 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer, *, re
         calibration = {"seed": seed, **saved, "reused_from": str(calib_stats)}
     else:
         statistics = {}
-        windows = token_windows(tokenizer, read_texts(calib_data), seq_len, calib_samples, seed)
+        check_seq_len(model.config, seq_len)
+        windows = calibration_windows(tokenizer, calib_data, calib_samples, seq_len, seed)
 
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     for name in ("embed_tokens", "norm"):

@@ -36,6 +36,14 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise ConfigError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}") from None
 
 
+def check_seq_len(config, seq_len: int) -> None:
+    """Refuse windows longer than the model's positions (`config`: a transformers config or config.json's dict)."""
+    limit = config.get("max_position_embeddings") if isinstance(config, dict) else getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and seq_len > limit:
+        raise ConfigError(f"--seq-len {seq_len} is beyond the model's {limit} positions (max_position_embeddings); "
+                          f"choose at most {limit}")
+
+
 def _hub_reachable() -> bool:
     from huggingface_hub import constants
 

@@ -1,9 +1,10 @@
 """Calibration's memory savings change nothing: prefix tokenisation, 16-bit reservoirs, statistics without copies."""
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
-from ann2snn.calibration.calibrate import release_memory
+from ann2snn.calibration.calibrate import _MALLOC_TRIM, release_memory
 from ann2snn.calibration.data import bundled_text, read_texts, token_windows
 from ann2snn.calibration.observers import ChannelObserver
 from ann2snn.calibration.thresholds import choose_clip
@@ -53,9 +54,23 @@ def test_bf16_reservoir_keeps_exactly_the_values_seen_in_half_the_memory():
     assert len(set(pointers)) == len(pointers)
 
 
-def test_release_memory_is_safe_to_call():
+@pytest.mark.skipif(_MALLOC_TRIM is None, reason="malloc_trim is glibc's (Linux)")
+def test_release_memory_hands_freed_heap_pages_back_to_the_os():
+    """glibc keeps freed heap blocks mapped; release_memory must return them (calibration's resident memory)."""
+    import os
+
+    def resident() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    blocks = [bytearray(64 * 1024) for _ in range(1600)]  # 100 MiB of heap blocks (below malloc's mmap threshold)
+    last = blocks.pop()  # kept: the freed blocks lie below it, where only a trim (not the heap's top) returns them
+    filled = resident()
+    del blocks
+    freed = resident()
     release_memory()
-    release_memory()
+    assert freed - resident() > 50 * 1024**2 and filled - freed < 50 * 1024**2
+    del last
 
 
 def test_calibration_skips_the_logits_unless_the_output_layer_is_observed(qwen2_checkpoint):

@@ -18,6 +18,8 @@ import ann2snn
 from ann2snn.cli import main
 from ann2snn.errors import CheckpointError, NumericalError
 
+from process_markers import wait_for_marker
+
 # Runs the CLI with one stage slowed down and announced on stderr, so a signal lands inside it.
 PAUSED_CLI = """
 import sys, time, functools
@@ -41,33 +43,43 @@ main()
 
 
 def _run_and_signal(stage, sig, checkpoint, out):
+    """Run the paused convert, signal it inside `stage`; (exit status, what it printed after the signal)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, stage, "convert", str(checkpoint), "--out", str(out),
                              "--calib-samples", "2", "--seq-len", "16"], stderr=subprocess.PIPE, text=True, env=env)
     marker = "CALIBRATING" if stage == "calibration" else "EXPORTING"
-    deadline = time.monotonic() + 120
-    for line in proc.stderr:
-        if marker in line or time.monotonic() > deadline:
-            break
+    seen = wait_for_marker(proc, marker)
     proc.send_signal(sig)
+    rest = proc.stderr.read()
     proc.wait(timeout=60)
-    return proc.returncode
+    assert seen, f"the convert never reached {stage} (it crashed or hung first): {rest[-2000:]}"
+    return proc.returncode, rest
 
 
 @pytest.mark.parametrize("stage", ["calibration", "export"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_convert_leaves_no_output_and_resumes(stage, sig, qwen2_checkpoint, tmp_path):
     out = tmp_path / "snn"
-    assert _run_and_signal(stage, sig, qwen2_checkpoint, out) != 0
+    returncode, said = _run_and_signal(stage, sig, qwen2_checkpoint, out)
+    assert returncode == 130
     assert not out.exists()
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     resume = tmp_path / ".snn.calibration.safetensors"
     # interrupted in calibration: nothing at all; in export: only the calibration statistics, to resume from
     assert leftovers == ([] if stage == "calibration" else [resume.name])
+    assert said.strip().splitlines()[-1].startswith("interrupted: ")
+    assert (str(resume) in said) == (stage == "export")  # where the kept statistics are is said
     result = CliRunner().invoke(main, ["convert", str(qwen2_checkpoint), "--out", str(out), "--calib-samples", "2", "--seq-len", "16"])
     assert result.exit_code == 0, result.output
     assert ("resuming" in result.output) == (stage == "export")
     assert (out / "snn_config.json").is_file() and not resume.exists()
+
+
+def test_a_crash_before_the_marker_fails_the_signal_helper(qwen2_checkpoint, tmp_path, monkeypatch):
+    """The helper above must not pass a convert that died at start-up (it once sent its signal to a dead process)."""
+    monkeypatch.setattr(sys.modules[__name__], "PAUSED_CLI", "import ann2snn_no_such_module")  # dies at import
+    with pytest.raises(AssertionError, match="never reached"):
+        _run_and_signal("export", signal.SIGINT, qwen2_checkpoint, tmp_path / "snn")
 
 
 def test_full_disk_during_export_is_reported_and_leaves_nothing(qwen2_checkpoint, tmp_path, monkeypatch):

@@ -17,8 +17,9 @@ from ann2snn.errors import ConfigError
 from ann2snn.modules.attention import SNNMatmul
 from ann2snn.modules.neuron import SignedNeuron, SpikeTrain, set_simulation
 from ann2snn.modules.synapsis import Synapsis
-from ann2snn.report import (SNN_FIELDS, EnergyModel, SpikeFieldCounter, _CountCache, build_report, energy_estimate,
-                            matmul_counts, rebuild_at, render_markdown)
+from ann2snn.rebuild import rebuild_at
+from ann2snn.report import (SNN_FIELDS, CountCache, EnergyModel, SpikeFieldCounter, build_report, energy_estimate,
+                            matmul_counts, render_markdown)
 
 UNSEEN = str(bundled_text("unseen.txt"))
 HELDOUT = str(bundled_text("heldout.txt"))
@@ -26,7 +27,7 @@ HELDOUT = str(bundled_text("heldout.txt"))
 
 def counted(module, *inputs):
     """Run `module` in step simulation under the report's counters; {field: Global total}."""
-    cache = _CountCache()
+    cache = CountCache()
     counters = {field: SpikeFieldCounter(field, cache) for field in SNN_FIELDS}
     set_simulation(module, "step")
     with torch.no_grad(), ModuleCounterMode(list(counters.values()), model=module):
@@ -39,7 +40,8 @@ def test_synapsis_phase_code_counts_by_hand():
     #   x =  5: +1 (v 5→1), 0, +1 (1→0)             → 4 + 1 = 5, 2 spikes
     #   x =  0: nothing
     #   x = −3: 0 (−3 is not below −3), −1 (−3→−1), −1 (−1→0) → −2 − 1 = −3, 2 spikes
-    # Per step: 1, 1, 2 spikes. out_features = 2: ACs = 4·2 = 8; shifts (steps t=0,1 weigh 4 and 2) = 2·2 = 4.
+    # Per step: 1, 1, 2 spikes. out_features = 2: ACs = 4·2 = 8. Shifts: the row's two output accumulators
+    # each shift once in each weighted step with any spike (t=0 and t=1 weigh 4 and 2; t=2 weighs 1): 2·2 = 4.
     linear = nn.Linear(3, 2)
     synapsis = Synapsis(linear, SpikeCode("phase", 3), delta=torch.ones(3))
     x = torch.tensor([[5.0, 0.0, -3.0]])
@@ -77,14 +79,15 @@ def test_snn_matmul_rate_counts_by_hand():
     out, counts = counted(SNNMatmul(), a, b)
     assert torch.allclose(out, a.accumulate() @ b.accumulate())
     assert counts["ac"] == 18 and counts["shifts"] == 0
-    assert matmul_counts(a, b) == {"ac": 18, "shifts": 0}
+    assert matmul_counts(a, b) == {"ac": 18, "shifts": 0, "causal_mac": 2 * 3 * 2}  # no mask: the M·N·K product
 
 
 def test_snn_matmul_phase_shifts_by_hand():
-    # Phase T=2: w = (2, 1). Weighted spikes are those at t=0: b's one spike there drives M=2 ACs (2 shifts);
-    # a's t=0 spike meets the empty B_<0 (nothing); running sums: a's and b's t=0 spikes (1 + 1 shifts). Shifts = 4.
+    # Phase T=2: w = (2, 1); only t=0 is weighted. There b's one spike (column n=0) reaches the M=2 accumulators
+    # of column 0: 2 shifts; a's t=0 spike meets the empty B_<0 (nothing); a spike entering its running sum adds
+    # the constant ±w_t·Δ, no shift. Shifts = 2.
     a, b = _train(A_SPIKES, [2, 1]), _train(B_SPIKES, [2, 1])
-    assert matmul_counts(a, b) == {"ac": 18, "shifts": 4}
+    assert matmul_counts(a, b)["ac"] == 18 and matmul_counts(a, b)["shifts"] == 2
 
 
 def test_snn_matmul_counts_broadcast_batches():
@@ -107,9 +110,10 @@ def test_energy_formula():
     assert e["convention"]["name"] == "45nm-horowitz2014-fp32" and "E_MAC = 4.6 pJ" in e["convention"]["text"]
     float_common = 100 * 4.6 + 50 * 4.6
     assert e["ann_pj"] == pytest.approx(1000 * 4.6 + 10 * 0.9 + float_common)
-    assert e["snn_pj"] == pytest.approx(2000 * 0.9 + 500 * 0.9 + 20 * 4.6 + 10 * 0.9 + float_common)
+    # neuron updates are charged: a compare and a subtract, 2·E_AC each
+    assert e["snn_pj"] == pytest.approx(2000 * 0.9 + 500 * 0.9 + 300 * 2 * 0.9 + 20 * 4.6 + 10 * 0.9 + float_common)
     assert e["snn_pj_per_token"] == pytest.approx(e["snn_pj"] / 10)
-    assert e["spiking_layers_only"]["snn_pj"] == pytest.approx(2500 * 0.9)
+    assert e["spiking_layers_only"]["snn_pj"] == pytest.approx(2500 * 0.9 + 300 * 2 * 0.9)
     custom = energy_estimate(totals, EnergyModel(e_mac_pj=3.0, e_ac_pj=0.1, e_shift_pj=0.05, e_float_pj=1.0,
                                                  e_neuron_pj=0.01), tokens=10)
     assert custom["convention"]["name"] == "custom"
@@ -149,7 +153,11 @@ def test_report_counts_are_consistent_with_shapes_and_spikes(small_report):
     q = modules["model.layers.0.self_attn.q_proj"]
     assert q["ann_mac"] == tokens * hidden * heads * head_dim  # spikingjelly's MACCounter on the ANN pass
     assert q["ac"] == modules[q["input_neuron"]]["spikes"] * q["out_features"]
-    assert modules["model.layers.0.self_attn.snn.qk"]["ann_mac"] == n * heads * s * s * head_dim
+    causal = n * heads * s * (s + 1) // 2  # scores on or below the diagonal
+    assert modules["model.layers.0.self_attn.snn.qk"]["ann_mac"] == causal * head_dim
+    assert modules["model.layers.0.self_attn.snn.pv"]["ann_mac"] == causal * head_dim
+    assert modules["model.layers.0.self_attn.snn.qk"]["ann_mac_executed"] == n * heads * s * s * head_dim
+    assert modules["model.layers.0.self_attn.snn.softmax.neuron"]["neuron_inputs"] == causal
     assert modules["lm_head"]["ann_mac"] == tokens * hidden * config.vocab_size  # the spiking head (default)
     assert "lm_head" not in report["float_operations"]["mac"]
     for name, m in modules.items():
@@ -261,7 +269,8 @@ def test_cli_errors_are_one_line_and_write_nothing(case, exported, tmp_path):
 
 
 def test_snn_matmul_counts_grouped_query_heads_as_run():
-    """a with 2 heads per head of b: b's spikes meet both heads' rows; b's running sum is kept once, not per copy."""
+    """a with 2 heads per head of b: b's spikes meet both heads' rows; b's running sum is kept once, not per copy;
+    the output accumulators, and so the shifts, are the same either way."""
     torch.manual_seed(0)
     a = _train(torch.randint(-1, 2, (2, 1, 4, 3, 2)).tolist(), [2, 1])  # [T, B, H=4, M=3, K=2]
     b = _train(torch.randint(-1, 2, (2, 1, 2, 2, 5)).tolist(), [2, 1])  # [T, B, KVH=2, K=2, N=5]
@@ -269,5 +278,4 @@ def test_snn_matmul_counts_grouped_query_heads_as_run():
     grouped, copied = matmul_counts(a, b), matmul_counts(a, repeated)
     b_spikes = int(b.spikes.abs().sum())
     assert grouped["ac"] == copied["ac"] - b_spikes  # the copy's second running sum is gone
-    b_shifted = int(b.spikes[0].abs().sum())  # weight 2 at t = 0 is the shifted step
-    assert grouped["shifts"] == copied["shifts"] - b_shifted
+    assert grouped["shifts"] == copied["shifts"] > 0
