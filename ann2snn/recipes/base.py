@@ -53,7 +53,7 @@ class Recipe:
     level_defaults: tuple[LevelDefault, ...] = ()
     outliers: tuple[str, ...] = ()  # "rotate", "smooth", "sink", or "auto" (sink where massive first-token activations show)
     # One input neuron per group of Rule.shared_input modules: the same values, spikes fired once for all readers.
-    # Off only to load exports written before it (format < 3), whose readers may hold fine-tuned Δ of their own.
+    # Off only to load exports written before it (format < 4), whose readers may hold fine-tuned Δ of their own.
     share_inputs: bool = True
     # The output layer as a Synapsis too (its input neuron calibrated at the final norm's output, as any other);
     # head_rules say which module that is. Off: lm_head stays a float matmul.
