@@ -16,8 +16,9 @@ Levels, not steps, set the error, so the two codings differ by far at equal T:
   23 steps carry weight (2^24 levels, float32's exact-integer range); in a
   longer window the later steps stay silent.
 
-The neuron's *threshold* at step t is w_t·Δ: a spike at step t is worth
-±(its threshold), the weighting is a shift for the phase code.
+A spike at step t is worth ±w_t·Δ (the weighting is a shift for the phase
+code); the neuron fires it when its membrane reaches the *firing threshold*
+θ_t·Δ (`firing_thresholds`: ¾·w_t, or ½ where w_t = 1).
 
 `quantise` is the fake-quantised value the spiking neuron reaches after its
 window (round half up onto the grid, clamped to ±L): the SNN's accumulated
@@ -54,6 +55,24 @@ class SpikeCode:
             return torch.ones_like(t)
         # Steps past the 23rd stay silent (weight 0): 2^24 levels is float32's exact-integer range.
         return torch.where(t < self.weighted_steps, torch.pow(2.0, self.weighted_steps - 1 - t), torch.zeros_like(t))
+
+    def firing_thresholds(self) -> torch.Tensor:
+        """θ_t for t = 0..T-1 (float32): ¾·w_t where w_t ≥ 2, ½ where w_t = 1 (0 where w_t = 0: silent).
+
+        Exactness: the steps after t can still send any integer up to R_t =
+        Σ_{s>t} w_s, and round a residual v onto it if −R_t − ½ ≤ v < R_t + ½.
+        With the phase code R_t = w_t − 1, so before step t that range is
+        [−2w_t + ½, 2w_t − ½), and firing +1 at v ≥ θ_t, −1 at v < −θ_t keeps the
+        residual in the next step's range for any θ_t in [½, w_t − ½]; a residual
+        beyond the whole range fires every step with its sign (the clamp to ±L).
+        The rate code (w_t = 1) allows only θ_t = ½. Within the interval,
+        θ_t = ¾·w_t sends every count with the fewest spikes that any train of
+        signed spikes with these weights can (the minimal-weight signed-digit
+        form: 5 goes as +4 +1, where θ_t = ½·w_t sends +8 −4 +2 −1). Both are
+        tested: exactness for every T ≤ 23, minimality against all 3^T trains.
+        """
+        weights = self.step_weights()
+        return torch.where(weights >= 2, 0.75 * weights, 0.5 * weights)
 
     @property
     def weighted_steps(self) -> int:

@@ -68,7 +68,7 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
 
 def export_metadata(recipe: Recipe, calibration: dict, statistics: dict) -> dict:
     """What a converted model carries into its export (snn_config.json, calibration.safetensors)."""
-    return {"recipe": recipe.summary(), "float_operations": list(recipe.float_operations),
+    return {"recipe": recipe.summary(), "float_operations": list(recipe.operations_in_float()),
             "calibration": calibration, "versions": _versions(), "statistics": statistics}
 
 

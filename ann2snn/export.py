@@ -36,8 +36,10 @@ from .placement import place
 from .replace import apply_recipe
 from .transforms import OUTLIER_OPTIONS
 
-# 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`); 3: snn_config.json holds its own SHA-256
-FORMAT_VERSION = 3
+# 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`); 3: snn_config.json holds its own SHA-256;
+# 4: Synapsis reading one tensor share one input neuron, stored under its first reader's name, and lm_head may spike
+# (recipe "share_inputs", "spiking_head"; before: one neuron per Synapsis, a float head)
+FORMAT_VERSION = 4
 SNN_CONFIG = "snn_config.json"
 CONFIG_HASH = "config_sha256"
 CALIBRATION_FILE = "calibration.safetensors"
@@ -52,16 +54,21 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the second name of tied tensors (safetensors refuses shared storage)."""
-    seen, state = set(), {}
-    for name, tensor in model.state_dict().items():
+def second_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names of tensors already named earlier in `state`: tied weights, a neuron shared by several Synapsis."""
+    seen, second = set(), set()
+    for name, tensor in state.items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
         if key is not None and key in seen:
-            continue
+            second.add(name)
         seen.add(key)
-        state[name] = tensor.detach().contiguous().cpu()
-    return state
+    return second
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the second names (safetensors refuses shared storage), contiguous, on the CPU."""
+    second = second_names(state)
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if name not in second}
 
 
 def _write_weights(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
@@ -133,7 +140,7 @@ def save(model, out_dir: str | Path, tokenizer=None, *, overwrite: bool = False,
     out = Path(out_dir)
     check_output(out, overwrite)
     with atomic_folder(out, CheckpointError, overwrite) as tmp:
-        _write_weights(_unique_state(model), tmp, shard_bytes)
+        _write_weights(unique_tensors(model.state_dict()), tmp, shard_bytes)
         write_beside_weights(tmp, model.config, meta, tokenizer)
     return out
 
@@ -203,10 +210,14 @@ def export_recipe(path: Path, recipe: dict):
     if recipe["threshold"] not in THRESHOLD_RULES:
         raise CheckpointError(f"{path}: threshold {recipe['threshold']!r} is not one of {', '.join(THRESHOLD_RULES)}; "
                               "the export is damaged")
+    flags = {key: recipe.get(key, False) for key in ("share_inputs", "spiking_head")}  # absent before format 4: off
+    wrong = [key for key, value in flags.items() if not isinstance(value, bool)]
+    if wrong:
+        raise CheckpointError(f"{path}: {wrong[0]} {flags[wrong[0]]!r} is not true or false; the export is damaged")
     try:
         return get_recipe(recipe["name"]).with_options(
             coding=recipe["coding"], timesteps=recipe["timesteps"], threshold=recipe["threshold"],
-            headroom=recipe.get("headroom"), outliers=tuple(recipe["outliers"]))
+            headroom=recipe.get("headroom"), outliers=tuple(recipe["outliers"]), **flags)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}; the export is damaged") from None
 
@@ -259,6 +270,7 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
         first = str(exc).strip().splitlines()[-1].strip()
         raise CheckpointError(f"the weights in {folder} do not fit its config ({first[:200]}); the export is damaged") from None
     tied = {"lm_head.weight"} if getattr(model_config, "tie_word_embeddings", False) else set()
+    tied |= second_names(model.state_dict())  # written once, under their first name (save)
     if unexpected or set(missing) - tied:
         problems = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
         raise CheckpointError(f"the weights in {folder} do not match its recipe ({', '.join(problems)}); the export is damaged")

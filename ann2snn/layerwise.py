@@ -15,7 +15,9 @@ hidden states between layers and the statistics gathered so far:
    sites while the hidden states go through it (as the ANN — the next layer's
    input), the recipe's rules swap in its SNN modules, its tensors are written
    as one shard of the export, and the layer goes back to the meta device;
-4. the embedding, norm and head become the last shard; config, statistics,
+4. with a spiking head, its input neuron is calibrated on the final norm's
+   output of the same hidden states and the head becomes a Synapsis; the
+   embedding, norm and head become the last shard; config, statistics,
    tokenizer and snn_config.json (with every file's SHA-256) complete the folder.
 
 The export folder is written atomically: an interruption leaves nothing.
@@ -41,7 +43,7 @@ from .calibration.calibrate import hand_over, load_statistics, observing, releas
 from .calibration.data import calibration_windows
 from .convert import calibration_summary, check_sites, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
-from .export import check_output, write_beside_weights, write_shard, write_shard_index
+from .export import check_output, unique_tensors, write_beside_weights, write_shard, write_shard_index
 from .models import FINITE_CHUNK, check_seq_len, check_weight_files, load_tokenizer_from, parse_dtype, read_config, resolve_model
 from .recipes import Recipe, check_supported, get_recipe
 from .replace import CALIBRATION_ATTENTION, apply_recipe, matches
@@ -211,13 +213,23 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
             check_sites(found, statistics)
             apply_recipe(model, recipe, statistics, within=prefix)
             del found  # the replaced ANN modules: they still hold this layer's weights
-            state = {f"{prefix}.{name}": t.detach().contiguous() for name, t in layers[index].state_dict().items()}
+            state = unique_tensors({f"{prefix}.{name}": t for name, t in layers[index].state_dict().items()})
             weight_map.update(write_shard(tmp, state, index + 1, shards))
             del state
             layers[index].to("meta")
             release_memory()
-        rest = {name: t.detach().contiguous() for name, t in model.state_dict().items()
-                if not name.startswith("model.layers.") and not (tied and name == "lm_head.weight")}
+        outside = [m for m in matches(model, recipe) if not m[0].startswith("model.layers.")]
+        if outside:  # the spiking head: its input neuron is calibrated on the final norm's output, as in convert
+            if calib_stats is None:
+                with observing(model, outside, int(windows.numel()), seed=seed) as observers:
+                    for hidden, _ in inputs:
+                        model.lm_head(model.model.norm(hidden))
+                statistics.update(hand_over(observers))
+            check_sites(outside, statistics)
+            for name, _, _ in outside:
+                apply_recipe(model, recipe, statistics, within=name)
+        # a tied head (lm_head.weight, or lm_head.synapse.weight when it spikes) is written once, as the embedding
+        rest = unique_tensors({name: t for name, t in model.state_dict().items() if not name.startswith("model.layers.")})
         weight_map.update(write_shard(tmp, rest, shards, shards))
         write_shard_index(tmp, weight_map)
         if calib_stats is None:

@@ -87,7 +87,10 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
     if config.get("finetune"):
         _refuse_finetuned(folder, config, timesteps)
     options = config["recipe"]
-    own = get_recipe(options.get("name", "qwen2")).with_options(coding=options.get("coding"), timesteps=options.get("timesteps"))
+    # the export's own structure too (absent before format 4: one input neuron per Synapsis, a float head)
+    own = get_recipe(options.get("name", "qwen2")).with_options(
+        coding=options.get("coding"), timesteps=options.get("timesteps"),
+        share_inputs=bool(options.get("share_inputs", False)), spiking_head=bool(options.get("spiking_head", False)))
     chosen = (options.get("threshold"), options.get("headroom"))
     threshold, headroom = (None, None) if chosen == (own.chosen_threshold, own.chosen_headroom) else chosen
     stats_file = folder / CALIBRATION_FILE
@@ -102,7 +105,7 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
         # The export's weights already carry its outlier transforms: record them as applied so none is replayed.
         ann.ann2snn_transforms = list(outliers)
         extra["outliers"] = outliers
-    snn = convert(ann, recipe=options.get("name", "qwen2"), timesteps=timesteps, coding=options.get("coding"),
+    snn = convert(ann, recipe=own, timesteps=timesteps, coding=options.get("coding"),
                   threshold=threshold, headroom=headroom, statistics=statistics, calibration_info=info, seed=seed,
                   progress=False, **extra)
     return place(snn, device_map)

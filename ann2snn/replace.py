@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class BuildContext:
     config: object  # the model's transformers config
     statistics: dict[str, dict[str, torch.Tensor]] | None
     sinks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # attention module name → sink (key, value)
+    shared_neurons: dict = field(default_factory=dict)  # (parent name, rule) → the input neuron its readers share
 
     def delta(self, site: str, rule: Rule) -> torch.Tensor | None:
         if self.statistics is None:
@@ -64,6 +65,12 @@ def _observe_input(name: str, module: nn.Module, observers: dict) -> list:
 
 
 class SynapsisReplacement(Replacement):
+    """Every reader keeps its own site (statistics serve either way); a shared group's Δ is its first reader's.
+
+    Readers of one tensor see identical statistics (the observers' reservoirs are
+    seeded alike), so the first one's Δ is every one's: sharing changes no value.
+    """
+
     def sites(self, name, module):
         return [name]
 
@@ -71,7 +78,15 @@ class SynapsisReplacement(Replacement):
         return _observe_input(name, module, observers)
 
     def build(self, name, module, rule, ctx):
-        return Synapsis(module, ctx.code, ctx.delta(name, rule))
+        group = (name.rpartition(".")[0], rule) if rule.shared_input and ctx.recipe.share_inputs else None
+        neuron = ctx.shared_neurons.get(group)
+        if neuron is not None:
+            neuron.readers += 1
+            return Synapsis(module, ctx.code, neuron=neuron)
+        synapsis = Synapsis(module, ctx.code, ctx.delta(name, rule))
+        if group is not None:
+            ctx.shared_neurons[group] = synapsis.neuron
+        return synapsis
 
 
 class SNNSiLUReplacement(Replacement):
@@ -134,7 +149,7 @@ def matches(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module, Rule
     """Every (name, module, rule) the recipe takes; the first matching rule wins."""
     found = []
     for name, module in model.named_modules():
-        for rule in recipe.rules:
+        for rule in recipe.active_rules:
             if rule.module_class in type(module).__name__ and re.fullmatch(rule.pattern, name):
                 found.append((name, module, rule))
                 break
@@ -158,10 +173,11 @@ def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sink
     `sinks` (from `attention_sink.compute_sinks`) fills the attention sink's
     constants; without them (loading an export) they are placeholders that the
     export's weights overwrite. `within` (a module name such as
-    "model.layers.3") limits the swap to that module (layer-by-layer conversion).
+    "model.layers.3", or "lm_head") limits the swap to that module and what it
+    holds (layer-by-layer conversion).
     """
     ctx = BuildContext(recipe, recipe.code, model.config, statistics, sinks)
-    found = [m for m in matches(model, recipe) if not within or m[0].startswith(within + ".")]
+    found = [m for m in matches(model, recipe) if not within or m[0] == within or m[0].startswith(within + ".")]
     if not found:
         raise RuntimeError(f"recipe {recipe.name!r} matched no module of {type(model).__name__}")
     for name, module, rule in found:
@@ -173,4 +189,23 @@ def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sink
             setattr(model.get_submodule(parent_name), child, replacement)
     if any(rule.replace_with == "spiking_attention" for _, _, rule in found):
         model.config._attn_implementation = ATTENTION_NAME
+    _retarget_tied_weights(model, {name for name, _, rule in found if rule.replace_with == "synapsis"})
     return model
+
+
+def _retarget_tied_weights(model: nn.Module, synapses: set[str]) -> None:
+    """A tied output embedding that became a Synapsis stays tied: `lm_head.weight` is now `lm_head.synapse.weight`.
+
+    transformers re-ties by these names (`tie_weights`, at load); the old name
+    would no longer be settable on the Synapsis.
+    """
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not tied or not any(target.rpartition(".")[0] in synapses for target in tied):
+        return
+    renamed = {}
+    for target, source in tied.items():
+        module, _, parameter = target.rpartition(".")
+        renamed[f"{module}.synapse.{parameter}" if module in synapses else target] = source
+    model._tied_weights_keys = renamed
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)

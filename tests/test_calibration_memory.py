@@ -80,6 +80,7 @@ def test_calibration_skips_the_logits_unless_the_output_layer_is_observed(qwen2_
     from ann2snn.replace import matches
 
     model, _ = ann2snn.load_ann(str(qwen2_checkpoint))
-    found = matches(model, get_recipe("qwen2"))
+    found = matches(model, get_recipe("qwen2").with_options(spiking_head=False))
     assert _skip_logits(model, found) == {"logits_to_keep": 1}
     assert _skip_logits(model, found + [("lm_head", model.lm_head, None)]) == {}
+    assert _skip_logits(model, matches(model, get_recipe("qwen2"))) == {}  # the spiking head observes lm_head's input

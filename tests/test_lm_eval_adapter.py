@@ -62,7 +62,9 @@ def test_loglikelihood_matches_the_model(lm, exported):
 def test_step_simulation_gives_the_same_scores(exported):
     step = Ann2SnnLM(path=str(exported), simulation="step", device="cpu")
     (logprob, _), = step.loglikelihood([Instance("loglikelihood", {}, ("The cat sat on", " the mat"), 0)])
-    assert logprob == pytest.approx(_by_hand(exported, "The cat sat on", " the mat")[0], abs=1e-2)
+    # against the model run step by step by hand: fast and step differ in float32 where an input sits within one
+    # rounding of a level boundary (0.02 here, through the spiking head's 31 levels; exact in float64, test_convert)
+    assert logprob == pytest.approx(_by_hand(exported, "The cat sat on", " the mat", "step")[0], abs=1e-3)
 
 
 def test_generate_until_continues_the_prompt(lm, exported):

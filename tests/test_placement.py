@@ -81,7 +81,7 @@ def test_conversion_through_accelerate_hooks_matches_and_runs_the_snn_modules(qw
         with torch.no_grad():
             torch.testing.assert_close(placed(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
     layers = len(placed.model.layers)
-    assert calls == {"synapsis": 2 * 7 * layers, "attention": 2 * layers}
+    assert calls == {"synapsis": 2 * (7 * layers + 1), "attention": 2 * layers}  # + the spiking head
     out = placed.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
 

@@ -36,19 +36,19 @@ def counted(module, *inputs):
 
 
 def test_synapsis_phase_code_counts_by_hand():
-    # Phase code, T=3: weights 4, 2, 1; Δ = 1. The neuron fires (reset by subtraction, ±w_t/2 thresholds):
-    #   x =  5: +1 (v 5→1), +1 (1→−1), −1 (−1→0)  → 4 + 2 − 1 = 5, 3 spikes
+    # Phase code, T=3: weights 4, 2, 1; Δ = 1. The neuron fires (reset by subtraction, firing thresholds ±3, ±1.5, ±0.5):
+    #   x =  5: +1 (v 5→1), 0, +1 (1→0)             → 4 + 1 = 5, 2 spikes
     #   x =  0: nothing
-    #   x = −3: −1 (−3→1), +1 (1→−1), −1 (−1→0)   → −4 + 2 − 1 = −3, 3 spikes
-    # Per step: 2, 2, 2 spikes. out_features = 2: ACs = 6·2 = 12. Shifts: the row's two output accumulators
+    #   x = −3: 0 (−3 is not below −3), −1 (−3→−1), −1 (−1→0) → −2 − 1 = −3, 2 spikes
+    # Per step: 1, 1, 2 spikes. out_features = 2: ACs = 4·2 = 8. Shifts: the row's two output accumulators
     # each shift once in each weighted step with any spike (t=0 and t=1 weigh 4 and 2; t=2 weighs 1): 2·2 = 4.
     linear = nn.Linear(3, 2)
     synapsis = Synapsis(linear, SpikeCode("phase", 3), delta=torch.ones(3))
     x = torch.tensor([[5.0, 0.0, -3.0]])
     out, counts = counted(synapsis, x)
     assert torch.allclose(out, linear(x), atol=1e-5)  # exact on this grid
-    assert counts["spikes"] == 6 and counts["weighted_spikes"] == 4 and counts["positive_spikes"] == 3
-    assert counts["ac"] == 12 and counts["shifts"] == 4
+    assert counts["spikes"] == 4 and counts["weighted_spikes"] == 2 and counts["positive_spikes"] == 2
+    assert counts["ac"] == 8 and counts["shifts"] == 4
     assert counts["bias_adds"] == 2  # one row, two outputs
     assert counts["neuron_inputs"] == 3 and counts["neuron_updates"] == 9 and counts["encodings"] == 3
 
@@ -158,7 +158,8 @@ def test_report_counts_are_consistent_with_shapes_and_spikes(small_report):
     assert modules["model.layers.0.self_attn.snn.pv"]["ann_mac"] == causal * head_dim
     assert modules["model.layers.0.self_attn.snn.qk"]["ann_mac_executed"] == n * heads * s * s * head_dim
     assert modules["model.layers.0.self_attn.snn.softmax.neuron"]["neuron_inputs"] == causal
-    assert report["float_operations"]["mac"]["lm_head"] == tokens * hidden * config.vocab_size
+    assert modules["lm_head"]["ann_mac"] == tokens * hidden * config.vocab_size  # the spiking head (default)
+    assert "lm_head" not in report["float_operations"]["mac"]
     for name, m in modules.items():
         if m["kind"] == "neuron":
             assert m["neuron_updates"] == m["neuron_inputs"] * report["timesteps"] and 0 <= m["firing_rate"] <= 1
@@ -168,7 +169,7 @@ def test_report_counts_are_consistent_with_shapes_and_spikes(small_report):
     assert layer0["spikes"] == sum(m.get("spikes", 0) for m in in_layer0)
     assert layer0["ann_mac"] == sum(m.get("ann_mac", 0) for m in in_layer0)
     totals = report["totals"]
-    assert totals["snn_ac"] == sum(r["ac"] for r in report["layers"])
+    assert totals["snn_ac"] == sum(r["ac"] for r in report["layers"]) + modules["lm_head"]["ac"]  # the head is no layer
     assert totals["snn_shifts"] > 0  # phase code: weighted spikes
     assert all(r["cosine_similarity"] > 0.9 for r in report["layers"])
     assert report["tokens_scored"] == n * (s - 1) and 0 <= report["top1_agreement"] <= 1

@@ -239,7 +239,9 @@ class STDPRule:
         """One batch through teacher and SNN: (task loss, Ê per Synapsis, SNN rates, target rates)."""
         model = self.model
         targets, target_rates, pre, traces, rates = {}, {}, {}, {}, {}
-        owner = {id(s.neuron): name for name, s in self.synapses}
+        readers: dict[int, list[str]] = {}  # input neuron → the Synapsis reading its train (q/k/v share one)
+        for name, s in self.synapses:
+            readers.setdefault(id(s.neuron), []).append(name)
         handles = []
         try:
             # 1. the teacher: every neuron's rate on the ANN's activations (teacher "network": every Synapsis' output y*)
@@ -261,8 +263,8 @@ class STDPRule:
             def student_rate(m, args, out):
                 name = neuron_name[id(m)]
                 rates[name] = _rate(out, m.delta.shape)
-                if id(m) in owner:
-                    pre[owner[id(m)]] = out
+                for reader in readers.get(id(m), ()):
+                    pre[reader] = out
 
             def trace(m, args, out, name):
                 if self.teacher == "local":  # y* = W₀·x + b: the converted weights on this layer's own float input

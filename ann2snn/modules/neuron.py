@@ -10,15 +10,26 @@ few-spike neurons of Stöckl & Maass (2021) and PhaseSNN do; stages are
 pipelined, so each spiking stage adds T steps of latency but throughput stays
 one window per T steps. At step t the membrane v (in units of Δ) fires
 
-    s_t = +1 if v ≥ w_t/2,   −1 if v < −w_t/2,   else 0;   then v ← v − s_t·w_t
+    s_t = +1 if v ≥ θ_t,   −1 if v < −θ_t,   else 0;   then v ← v − s_t·w_t
 
-(reset by subtraction). The −1 branch is the corrective spike of the other sign
-that SpikeZIP-TF's ST-BIF neuron (spikingjelly's `STBIFNode`) uses against
-over-firing; with it the count Σ s_t w_t always equals the quantised input
-`SpikeCode.quantise_counts` — no temporal error — which tests check for both
-codings. spikingjelly's `STBIFNode` is not used directly because it holds one
-scalar threshold and a rate code only; this neuron needs per-channel steps and
+(reset by subtraction), with the firing threshold θ_t = ¾·w_t for w_t ≥ 2 and
+½ for w_t = 1 (`SpikeCode.firing_thresholds`). The −1 branch is the corrective
+spike of the other sign that SpikeZIP-TF's ST-BIF neuron (spikingjelly's
+`STBIFNode`) uses against over-firing; with it the count Σ s_t w_t always
+equals the quantised input `SpikeCode.quantise_counts` — no temporal error —
+which tests check for both codings. Why θ_t = ¾·w_t: any θ_t in [½, w_t − ½]
+keeps the count exact (see `SpikeCode.firing_thresholds`), and ¾·w_t sends each
+count with the fewest spikes (5 as +4 +1, not +8 −4 +2 −1 as θ_t = ½·w_t would).
+spikingjelly's `STBIFNode` is not used directly because it holds one scalar
+threshold and a rate code only; this neuron needs per-channel steps and
 per-step weights.
+
+State. Each call is one whole window: the membrane lives only inside `fire`,
+and nothing of an activation's size is kept between calls. So the neuron is a
+plain `nn.Module`, not one of spikingjelly's memory modules (there is no state
+to reset between sequences). The one exception is short-lived: a neuron read by
+several Synapsis (q/k/v, gate/up: `readers` > 1) hands the train it fired to
+the readers after the first (`take_sent`) and drops it when the last has taken it.
 
 Modes (see `set_simulation`):
 - ``"step"``: fire step by step and return a `SpikeTrain`;
@@ -32,10 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-try:
-    from spikingjelly.activation_based import base
-except ImportError:  # pyproject cannot list it safely; see install.sh
-    raise ImportError("ann2snn needs spikingjelly 2.0.0: pip install --no-deps spikingjelly==2.0.0 (see install.sh)") from None
+from torch import nn
 
 from ..coding import SpikeCode
 
@@ -49,7 +57,7 @@ class SpikeTrain:
     spikes: [T, *shape], values in {−1, 0, +1}.
     weights: [T], w_t of the coding (1 for rate, 2^(T−1−t) for phase).
     delta: Δ per channel, broadcastable to shape.
-    A +1 spike at step t is worth its threshold w_t·Δ.
+    A +1 spike at step t is worth w_t·Δ.
     """
 
     spikes: torch.Tensor
@@ -63,13 +71,9 @@ class SpikeTrain:
     def _per_step(self) -> torch.Tensor:
         return self.weights.reshape((-1,) + (1,) * (self.spikes.dim() - 1)).to(self.spikes.dtype)
 
-    def thresholds(self) -> torch.Tensor:
-        """w_t·Δ broadcast against the spikes: the value of a +1 spike at each step."""
-        return self._per_step() * self.delta
-
     def values(self) -> torch.Tensor:
         """Per-step values s_t·w_t·Δ, [T, *shape]."""
-        return self.spikes * self.thresholds()
+        return self.spikes * (self._per_step() * self.delta)
 
     def counts(self) -> torch.Tensor:
         """Σ_t s_t·w_t: the integer each neuron's spikes sum to."""
@@ -89,11 +93,11 @@ class SpikeTrain:
         return SpikeTrain(fn(self.spikes), self.weights, fn(delta.unsqueeze(0)).squeeze(0))
 
 
-class SignedNeuron(base.MemoryModule):
+class SignedNeuron(nn.Module):
     """Signed integrate-and-fire neuron with a static per-channel step Δ.
 
-    `step` has one entry per channel of the input's last dimension (or one
-    entry for a per-tensor threshold); `channel_shape` lets attention neurons
+    `delta` has one entry per channel of the input's last dimension (or one
+    entry for a per-tensor step); a tuple `channels` lets attention neurons
     hold one step per (head, head_dim) channel.
     """
 
@@ -103,20 +107,38 @@ class SignedNeuron(base.MemoryModule):
         shape = (channels,) if isinstance(channels, int) else tuple(channels)
         self.register_buffer("delta", torch.ones(shape) if delta is None else delta.detach().float().clone().reshape(shape))
         self.register_buffer("weights", code.step_weights(), persistent=False)
-        self.register_memory("v", 0.0)
+        self.register_buffer("firing_thresholds", code.firing_thresholds(), persistent=False)
         self.simulation = "fast"
-        self.step_mode = "m"
+        self.readers = 1  # Synapsis reading this neuron's output (q/k/v share one: replace.py)
+        self._sent = None  # (input, output, readers still to take it), only while readers > 1 and some have not read
 
     def extra_repr(self) -> str:
-        return f"code={self.code.name}, T={self.code.timesteps}, channels={tuple(self.delta.shape)}, simulation={self.simulation}"
+        shared = f", readers={self.readers}" if self.readers > 1 else ""
+        return f"code={self.code.name}, T={self.code.timesteps}, channels={tuple(self.delta.shape)}, simulation={self.simulation}{shared}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SpikeTrain:
         if self.simulation == "ann":
-            return x
-        delta = self.current_delta(x)
-        if self.simulation == "fast":
-            return self.code.quantise(x, delta)
-        return self.fire(x, delta)
+            out = x
+        elif self.simulation == "fast":
+            out = self.code.quantise(x, self.current_delta(x))
+        else:
+            out = self.fire(x, self.current_delta(x))
+        self._sent = (x, out, self.readers - 1) if self.readers > 1 else None
+        return out
+
+    def take_sent(self, x: torch.Tensor) -> torch.Tensor | SpikeTrain | None:
+        """What this neuron sent for the very tensor `x`, if a reader has yet to take it; else None.
+
+        A neuron shared by several Synapsis fires once per input: the first
+        reader calls it, the others take the same train here (one spike train
+        fanned out to several synapse arrays). The last reader's take drops
+        it, so no activation outlives the forward pass.
+        """
+        if self._sent is None or self._sent[0] is not x:
+            return None
+        _, out, left = self._sent
+        self._sent = (x, out, left - 1) if left > 1 else None
+        return out
 
     def current_delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.delta.to(x.device)
@@ -125,9 +147,9 @@ class SignedNeuron(base.MemoryModule):
         """Integrate x, then fire T steps; returns the spike train.
 
         The loop runs over time steps only, vectorised over every neuron, and
-        works in place: the membrane is one buffer and each step's spikes are
-        written straight into their slice of the [T, *shape] output, with the
-        comparisons of the rule above (so ties at exactly ±w_t/2 go as stated).
+        works in place: the membrane is one local buffer and each step's spikes
+        are written straight into their slice of the [T, *shape] output, with
+        the comparisons of the rule above (so ties at exactly ±θ_t go as stated).
         Spikes carry no gradient: the membrane is built from x.detach().
         """
         weights = self.weights.to(x.device)
@@ -135,16 +157,15 @@ class SignedNeuron(base.MemoryModule):
         v = x.detach().to(dtype) / delta.detach().to(dtype)  # membrane in units of Δ, as SpikeCode.quantise_counts
         spikes = torch.empty((weights.numel(),) + tuple(v.shape), dtype=dtype, device=v.device)
         negative = torch.empty_like(v)
-        for t, w in enumerate(weights.tolist()):
+        for t, (w, theta) in enumerate(zip(weights.tolist(), self.firing_thresholds.tolist())):
             s = spikes[t]
             if w <= 0:  # a zero-weight step stays silent
                 s.zero_()
                 continue
-            torch.ge(v, w / 2, out=s)  # +1 where v ≥ w/2
-            torch.lt(v, -w / 2, out=negative)  # −1 where v < −w/2
+            torch.ge(v, theta, out=s)  # +1 where v ≥ θ_t
+            torch.lt(v, -theta, out=negative)  # −1 where v < −θ_t
             s.sub_(negative)
             v.sub_(s, alpha=w)  # reset by subtraction: v ← v − s·w (s·w is exact)
-        self.v = v
         return SpikeTrain(spikes.to(x.dtype), weights, delta.to(x.dtype))
 
 

@@ -1,7 +1,9 @@
 """Synapsis: the spiking replacement of `nn.Linear`.
 
 A Synapsis is an input neuron layer (one `SignedNeuron` per input feature)
-followed by its synaptic weights. In step mode the weights are driven only by
+followed by its synaptic weights. Synapsis that read the same tensor with the
+same Δ (q/k/v after one RMSNorm, gate/up after another) share one input
+neuron, which fires once and fans its train out to each (`replace.py`). In step mode the weights are driven only by
 spikes: each step's ternary spikes select weight columns to add or subtract,
 and the step's weight w_t (a power of two for the phase code) is a shift:
 
@@ -87,7 +89,8 @@ class Synapsis(nn.Module):
         return self.synapse.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.synapse(self.neuron(x))
+        encoded = self.neuron.take_sent(x)  # a shared input neuron fired already for this x (q/k/v, gate/up)
+        out = self.synapse(self.neuron(x) if encoded is None else encoded)
         if self.output_neuron is None:
             return out
         encoded = self.output_neuron(out)

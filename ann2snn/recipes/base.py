@@ -23,6 +23,9 @@ class Rule:
     module_class: str  # part of the class name: "Linear", "Attention", "SiLU" (nn.SiLU, SiLUActivation)…
     replace_with: str  # a key of ann2snn.replace.REPLACEMENTS
     threshold: str | None = None  # overrides Recipe.threshold for these neurons
+    # The modules this rule matches under one parent read the same tensor (q/k/v after one RMSNorm):
+    # with Recipe.share_inputs they share one input neuron, calibrated at the first one's site.
+    shared_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,23 @@ class Recipe:
     # margin costs a bit or two of resolution and saves the clipping. Ordered by min_levels.
     level_defaults: tuple[LevelDefault, ...] = ()
     outliers: tuple[str, ...] = ()  # "rotate", "smooth", "sink", or "auto" (sink where massive first-token activations show)
+    # One input neuron per group of Rule.shared_input modules: the same values, spikes fired once for all readers.
+    # Off only to load exports written before it (format < 4), whose readers may hold fine-tuned Δ of their own.
+    share_inputs: bool = True
+    # The output layer as a Synapsis too (its input neuron calibrated at the final norm's output, as any other);
+    # head_rules say which module that is. Off: lm_head stays a float matmul.
+    spiking_head: bool = False
+    head_rules: tuple[Rule, ...] = ()
     float_operations: tuple[str, ...] = field(default_factory=tuple)  # what stays in floating point, for users
+
+    @property
+    def active_rules(self) -> tuple[Rule, ...]:
+        """The rules a conversion applies: `rules`, and `head_rules` with `spiking_head`."""
+        return self.rules + (self.head_rules if self.spiking_head else ())
+
+    def operations_in_float(self) -> tuple[str, ...]:
+        """`float_operations` as this recipe converts: without "lm_head" when the head spikes."""
+        return tuple(op for op in self.float_operations if not (self.spiking_head and op == "lm_head"))
 
     @property
     def code(self) -> SpikeCode:
@@ -93,5 +112,7 @@ class Recipe:
             "threshold": self.chosen_threshold,
             "headroom": self.chosen_headroom,
             "outliers": list(self.outliers),
-            "rules": [dataclasses.asdict(rule) for rule in self.rules],
+            "share_inputs": self.share_inputs,
+            "spiking_head": self.spiking_head,
+            "rules": [dataclasses.asdict(rule) for rule in self.active_rules],
         }
