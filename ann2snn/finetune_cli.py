@@ -28,6 +28,10 @@ from .finetune.core import RULES
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, callback=positive,
               help="Steps between checkpoints (kept beside --out until the export is written).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run with the same options from its checkpoint.")
+@click.option("--holdout", default=None, metavar="FILE|SHARE",
+              help="Text that decides whether the fine-tune is kept (never trained on): a file, or a share of --data "
+                   "(default: its last 10%, at least 4096 tokens).")
+@click.option("--force", is_flag=True, help="Fine-tune even when the conversion's gap on the holdout is within its noise.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
@@ -36,13 +40,16 @@ from .finetune.core import RULES
 @device_map_option
 @clean_errors
 def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_len, train_weights, checkpoint_every,
-             resume, overwrite, as_json, options, device_map):
+             resume, holdout, force, overwrite, as_json, options, device_map):
     """Fine-tune the SNN in EXPORT_DIR on --data and export it to --out.
 
-    The last windows of --data are held out of training; the figures printed
-    (ANN and SNN perplexity, before and after) are measured on them.
+    --holdout (default: the last windows of --data) is never trained on; the
+    figures printed (ANN and SNN perplexity, before and after) are measured on
+    it, and the fine-tune is kept only if it lowers the SNN's perplexity there
+    by more than the noise.
     """
     import shutil
+    import warnings
     from pathlib import Path
 
     from . import load, load_tokenizer, save
@@ -50,7 +57,7 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
     from .calibration.data import read_texts
     from .errors import CheckpointError, ConfigError
     from .export import CALIBRATION_FILE
-    from .finetune import finetune as finetune_model, gap_reduction
+    from .finetune import HoldoutWarning, finetune as finetune_model, gap_reduction
     from .finetune.core import check_rule_options
     from .placement import check_device_map
 
@@ -61,6 +68,7 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
         raise ConfigError(f"--lr must be positive, got {lr}")
     rule_options = _parse_options(options)
     check_rule_options(rule, rule_options)
+    holdout = _parse_holdout(holdout)
     device_map = check_device_map(device_map)
     texts = read_texts(data)
     model = load(export_dir, device_map=device_map)
@@ -79,10 +87,12 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
         click.echo(f"starting over: the checkpoint in {checkpoints} is replaced (pass --resume to continue it)", err=True)
         shutil.rmtree(checkpoints)
     try:
-        figures = finetune_model(model, tokenizer, texts, rule=rule, steps=steps, lr=lr, seed=seed,
-                                 batch_size=batch_size, seq_len=seq_len, checkpoint_dir=checkpoints, resume=resume,
-                                 train_weights=train_weights, progress=not as_json, checkpoint_every=checkpoint_every,
-                                 **rule_options)
+        with warnings.catch_warnings():  # printed below as one line each, from the figures
+            warnings.simplefilter("ignore", HoldoutWarning)
+            figures = finetune_model(model, tokenizer, texts, rule=rule, steps=steps, lr=lr, seed=seed,
+                                     batch_size=batch_size, seq_len=seq_len, checkpoint_dir=checkpoints, resume=resume,
+                                     train_weights=train_weights, progress=not as_json, checkpoint_every=checkpoint_every,
+                                     holdout=holdout, force=force, **rule_options)
     except KeyboardInterrupt:
         if (checkpoints / "finetune-checkpoint.pt").is_file():
             click.echo(f"the checkpoint in {checkpoints} keeps the progress: rerun with --resume", err=True)
@@ -90,6 +100,8 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
     save(model, out, tokenizer, overwrite=overwrite)
     shutil.rmtree(checkpoints, ignore_errors=True)
     figures["out"] = str(out)
+    for message in figures["warnings"] + ([figures["skipped"]] if figures["skipped"] else []):
+        click.echo(f"note: {message}", err=True)
     if as_json:
         click.echo(json.dumps(figures, sort_keys=True))
         return
@@ -101,7 +113,25 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
                f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                f"(gap closed {gap_reduction(figures):.1f}%)\n"
                f"KL(ANN‖SNN) {figures['kl_before']:.5f} → {figures['kl_after']:.5f}; {changed}"
-               + ("\nthe fine-tune made the held-out loss worse, so it was undone" if figures["reverted"] else ""))
+               + ("\nthe fine-tune did not lower the held-out perplexity beyond its noise, so it was undone"
+                  if figures["reverted"] else ""))
+
+
+def _parse_holdout(value):
+    """--holdout: a share (a number) or a file (read now, so a bad one is refused before loading the model)."""
+    from .calibration.data import read_texts
+    from .errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        read_texts(value)
+        return value
+    if not 0 < share < 1:
+        raise ConfigError(f"--holdout {value} is neither a share between 0 and 1 nor a file; pass e.g. 0.1 or text.txt")
+    return share
 
 
 def _parse_options(pairs) -> dict:

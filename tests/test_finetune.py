@@ -20,7 +20,7 @@ from ann2snn.finetune import finetune
 from ann2snn.finetune import distill as distill_module
 from ann2snn.finetune.ste import calibrated_neurons, differentiable_neurons, ste_quantise
 from ann2snn.finetune.common import swapped_weights, synapses, synaptic_parameters
-from ann2snn.finetune.stdp import STDPRule, stdp_window
+from ann2snn.finetune.stdp import Stdp, StdpOptions, stdp_window
 from ann2snn.models import embedded_model_path
 from ann2snn.modules.neuron import SignedNeuron
 
@@ -132,8 +132,8 @@ def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
     assert (nxt[post == pre] == 0).all() and (nxt[post > pre] > 0).all() and (nxt[post < pre] < 0).all()
     assert torch.isclose(own[0, 2], torch.exp(torch.tensor(-1 / 2)))  # Δt = T + 0 − 2 = 1
     # with a flat causal window and one token per sequence (no next-token pairs), Ê ∝ Σ_p e_p x̂_pᵀ (normalised LMS)
-    rule = STDPRule.__new__(STDPRule)
-    rule.a_plus, rule.a_minus, rule.tau_plus, rule.tau_minus, rule._windows = 1.0, 0.0, 1e12, 1e12, {}
+    rule = Stdp.__new__(Stdp)
+    rule.options, rule._windows = StdpOptions(a_plus=1.0, a_minus=0.0, tau_plus=1e12, tau_minus=1e12), {}
     torch.manual_seed(0)
     x = torch.randn(10, 1, 6)
     neuron = SignedNeuron(code, 6, torch.full((6,), 0.2))
@@ -188,7 +188,7 @@ def test_stdp_teaching_current_is_desired_minus_actual(converted, teacher):
     with torch.no_grad():  # the weights have drifted from W₀: the teacher must use W₀, the output the drifted ones
         for name, param in synaptic.items():
             param.mul_(1.01)
-    rule = STDPRule(model, lr=8.0, synaptic=synaptic, originals=originals, held_out=None, teacher=teacher)
+    rule = Stdp(model, StdpOptions(teacher=teacher), lr=8.0, steps=1, synaptic=synaptic, originals=originals, holdout=None)
     name, synapsis = synapses(model)[3]
     errors, seen = [], {}
     rule.eligibility = lambda pre, error, code: errors.append(error) or torch.zeros(1)
@@ -225,7 +225,7 @@ def test_resume_continues_from_the_checkpoint(converted, tmp_path, monkeypatch):
     finetune(straight, tokenizer, TRAIN, **options)
 
     calls = {"n": 0}
-    real_step = distill_module.DistillRule.step
+    real_step = distill_module.Distill.step
 
     def interrupted(self, *args, **kwargs):
         calls["n"] += 1
@@ -233,11 +233,11 @@ def test_resume_continues_from_the_checkpoint(converted, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(distill_module.DistillRule, "step", interrupted)
+    monkeypatch.setattr(distill_module.Distill, "step", interrupted)
     first = _copy(snn)
     with pytest.raises(KeyboardInterrupt):
         finetune(first, tokenizer, TRAIN, checkpoint_dir=tmp_path, **options)
-    monkeypatch.setattr(distill_module.DistillRule, "step", real_step)
+    monkeypatch.setattr(distill_module.Distill, "step", real_step)
 
     resumed = _copy(snn)
     figures = finetune(resumed, tokenizer, TRAIN, checkpoint_dir=tmp_path, resume=True, **options)
@@ -297,9 +297,10 @@ def test_cli_finetune_passes_rule_options_and_refuses_unknown_ones(converted, tm
     common = ["finetune", str(source), "--data", str(data), "--rule", "stdp", "--steps", "1", "--seq-len", "32",
               "--batch-size", "2", "--json"]
     result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "a"), "--option", "teacher=network",
-                                                "--option", "min_improvement=0"], catch_exceptions=False)
+                                                "--option", "accumulate=1"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1])["options"] == {"teacher": "network", "min_improvement": 0}
+    options = json.loads(result.output.strip().splitlines()[-1])["options"]
+    assert options["teacher"] == "network" and options["accumulate"] == 1 and options["a_plus"] == 1.0  # the rest: defaults
     for option, message in (("teacher=oracle", "teacher must be one of local, network"),
                             ("bogus=1", "takes no option(s) bogus"), ("teacher", "is not KEY=VALUE")):
         result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "b"), "--option", option])
