@@ -16,7 +16,7 @@ from ann2snn.cli import main
 from ann2snn.coding import SpikeCode
 from ann2snn.errors import ConfigError
 from ann2snn.evaluate import compare, logits_over, perplexity as ppl
-from ann2snn.finetune import finetune
+from ann2snn.finetune import HoldoutWarning, finetune
 from ann2snn.finetune import distill as distill_module
 from ann2snn.finetune.ste import calibrated_neurons, differentiable_neurons, ste_quantise
 from ann2snn.finetune.common import swapped_weights, synapses, synaptic_parameters
@@ -248,6 +248,85 @@ def test_resume_continues_from_the_checkpoint(converted, tmp_path, monkeypatch):
         finetune(_copy(snn), tokenizer, TRAIN, checkpoint_dir=tmp_path, resume=True, **{**options, "lr": 0.5})
 
 
+# --- the holdout decides ---------------------------------------------------------------------------
+
+def test_the_decision_is_taken_on_text_the_training_never_saw(converted, tmp_path, monkeypatch):
+    """Default: the last windows of the text; a file: that text. Neither is ever in a training batch, and the
+    figures that decide (before and after) are the SNN's perplexity on exactly that text."""
+    snn, tokenizer, _, _ = converted
+    trained = []
+    real_step = distill_module.Distill.step
+    monkeypatch.setattr(distill_module.Distill, "step",
+                        lambda self, ids, k, last=False: trained.append(ids.clone()) or real_step(self, ids, k, last))
+
+    windows = token_windows(tokenizer, TRAIN, SEQ)
+    model = _copy(snn)
+    figures = finetune(model, tokenizer, TRAIN, steps=40, seq_len=SEQ, progress=False)
+    seen = {tuple(row.tolist()) for batch in trained for row in batch}
+    held = figures["held_out_windows"]
+    assert held >= 4096 // (SEQ - 1) and figures["held_out_tokens"] >= 4096  # the stated minimum
+    assert figures["train_windows"] + held == windows.shape[0]
+    assert len(seen) > held  # training saw many windows ...
+    assert not seen & {tuple(row.tolist()) for row in windows[-held:]}  # ... and none of the holdout's
+
+    holdout = tmp_path / "holdout.txt"
+    holdout.write_text(bundled_text("unseen.txt").read_text()[:30000])  # another author
+    other = token_windows(tokenizer, read_texts(holdout), SEQ)
+    trained.clear()
+    model = _copy(snn)
+    figures = finetune(model, tokenizer, TRAIN, steps=40, seq_len=SEQ, progress=False, holdout=holdout)
+    assert figures["holdout"] == str(holdout) and figures["train_windows"] == windows.shape[0]
+    assert figures["held_out_tokens"] == other[:, 1:].numel()
+    assert not {tuple(row.tolist()) for batch in trained for row in batch} & {tuple(row.tolist()) for row in other}
+    assert figures["ppl_snn_before"] == pytest.approx(_snn_perplexity(snn, other), rel=1e-5)
+    assert figures["ppl_snn_after"] == pytest.approx(_snn_perplexity(model, other), rel=1e-5)
+    assert figures["ppl_snn_after"] < figures["ppl_snn_before"] and not figures["reverted"]
+
+
+def test_a_fine_tune_that_does_not_help_on_the_holdout_is_undone(converted, monkeypatch):
+    """A rule that lowers the training loss but damages the model elsewhere: the holdout catches it."""
+    snn, tokenizer, _, _ = converted
+    real_step = distill_module.Distill.step
+
+    def damaging(self, ids, k, last=False):
+        loss = real_step(self, ids, k, last)
+        if last:
+            with torch.no_grad():
+                for p in self.neurons.parameters():
+                    p.add_(torch.randn_like(p))  # thresholds scattered by e^±1
+        return loss
+
+    monkeypatch.setattr(distill_module.Distill, "step", damaging)
+    model = _copy(snn)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    figures = finetune(model, tokenizer, TRAIN, steps=4, seq_len=SEQ, progress=False, eval_every=0)
+    assert figures["reverted"] and figures["ppl_snn_after"] == figures["ppl_snn_before"]
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # byte-identical
+
+
+def test_a_gap_within_the_noise_leaves_the_snn_unchanged_unless_forced():
+    """qwen2-tiny at T=10 is within noise of its ANN on the holdout: nothing to fine-tune."""
+    ann, tokenizer = ann2snn.load_ann("qwen2-tiny")
+    snn = ann2snn.convert(ann, tokenizer, timesteps=10, calib_samples=8, seq_len=SEQ, progress=False)
+    original = {k: v.clone() for k, v in snn.state_dict().items()}
+    figures = finetune(snn, tokenizer, TRAIN, steps=20, seq_len=SEQ, progress=False)
+    assert figures["skipped"] and "within its noise" in figures["skipped"], figures
+    assert 0 <= figures["gap_nats"] <= figures["gap_noise_nats"]
+    assert all(torch.equal(original[k], v) for k, v in snn.state_dict().items())  # byte-identical
+    assert snn.ann2snn["finetune"]["skipped"] == figures["skipped"]  # recorded in the export
+    forced = finetune(snn, tokenizer, TRAIN, steps=20, seq_len=SEQ, progress=False, force=True)
+    assert not forced["skipped"] and forced["first_loss"] is not None  # trained (and kept or undone on the holdout)
+
+
+def test_a_small_holdout_is_warned_about(converted):
+    snn, tokenizer, _, _ = converted
+    with pytest.warns(HoldoutWarning, match="fewer than the 4096"):
+        figures = finetune(_copy(snn), tokenizer, [TRAIN[0][:12000]], steps=2, seq_len=SEQ, progress=False)
+    assert figures["warnings"] and figures["held_out_tokens"] < 4096
+    with pytest.raises(ConfigError, match="share"):
+        finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, holdout=1.5)
+
+
 def test_bad_options_are_config_errors(converted):
     snn, tokenizer, _, _ = converted
     with pytest.raises(ConfigError, match="rule"):
@@ -306,6 +385,29 @@ def test_cli_finetune_passes_rule_options_and_refuses_unknown_ones(converted, tm
         result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "b"), "--option", option])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "b").exists()
+
+
+def test_cli_finetune_takes_a_holdout_file_or_share_and_refuses_a_bad_one_before_loading(converted, tmp_path, monkeypatch):
+    snn, tokenizer, _, _ = converted
+    source = ann2snn.save(_copy(snn), tmp_path / "snn", tokenizer)
+    data, holdout = tmp_path / "text.txt", tmp_path / "holdout.txt"
+    data.write_text(TRAIN[0][:20000])
+    holdout.write_text(bundled_text("unseen.txt").read_text()[:8000])
+    common = ["finetune", str(source), "--data", str(data), "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--json"]
+    result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "a"), "--holdout", str(holdout)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["holdout"] == str(holdout) and figures["warnings"]  # 8000 characters are under 4096 tokens
+    assert "note: the holdout has" in result.stderr
+    result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "b"), "--holdout", "0.5"], catch_exceptions=False)
+    assert json.loads(result.output.strip().splitlines()[-1])["holdout"].startswith("last ")
+
+    monkeypatch.setattr(ann2snn, "load", lambda *a, **k: pytest.fail("the export was loaded before the options were checked"))
+    for value in ("1.5", str(tmp_path / "missing.txt")):
+        result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "c"), "--holdout", value])
+        assert result.exit_code == 2 and result.output.startswith("error: "), result.output
+        assert not (tmp_path / "c").exists()
 
 
 # --- `ann2snn convert ... --finetune` -----------------------------------------------------------------

@@ -50,7 +50,10 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     `ann2snn.finetune.holdout`): None holds out the last tenth of the windows (at
     least 4096 tokens while half stay for training), a number in (0, 1) that share,
     a path or a list of texts that text; the training never sees it. Fewer than
-    4096 holdout tokens give a `HoldoutWarning`. `steps` batches of
+    4096 holdout tokens give a `HoldoutWarning`. Its even windows are the rules'
+    to choose on (distill's early stopping, stdp's updates), its odd windows
+    decide (and give the figures): a choice made on noise is not confirmed by
+    windows it was not made on. `steps` batches of
     `batch_size` windows are drawn from the training windows by `seed`.
 
     When the conversion's own gap on the holdout (NLL of the SNN − NLL of the
@@ -102,7 +105,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         param.requires_grad_(False)
     saved, losses, skipped, reverted = None, [], None, False
     try:
-        held_out = Holdout(model, val, originals)
+        # the rules choose on one half of the holdout (early stopping, stdp's updates); the other half decides
+        select, held_out = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
         saved = _read_checkpoint(checkpoint, fingerprint) if resume else None
         before = HoldoutFigures(**saved["before"]) if saved else held_out.evaluate()
         gap, gap_noise = held_out.gap(before)
@@ -113,7 +117,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             after = before
         else:
             losses = saved["losses"] if saved else []
-            summary = _train(Rule(model, options, lr=lr, steps=steps, synaptic=synaptic, originals=originals, holdout=held_out),
+            summary = _train(Rule(model, options, lr=lr, steps=steps, synaptic=synaptic, originals=originals, holdout=select),
                    Batches(train, batch_size, seed), device, steps, saved, losses, checkpoint, checkpoint_every,
                    progress, {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "settings": settings,
                               "before": vars(before)})
@@ -138,7 +142,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "options": dataclasses.asdict(options),
         "train_weights": Rule.changes_weights(options) and rule == "distill",
         "train_windows": int(train.shape[0]), "holdout": holdout_source, "held_out_windows": int(val.shape[0]),
-        "held_out_tokens": held_out.tokens, "ppl_ann": held_out.ppl_ann,
+        "held_out_tokens": held_out.tokens, "selection_tokens": select.tokens, "ppl_ann": held_out.ppl_ann,
         "ppl_snn_before": before.ppl_snn, "ppl_snn_after": after.ppl_snn, "kl_before": before.kl, "kl_after": after.kl,
         "gap_nats": gap, "gap_noise_nats": gap_noise,
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,

@@ -33,6 +33,11 @@ Gradients are clipped to norm 1. Every rate follows ``schedule``: ``"cosine"``
 (default) falls from the rate to 0 over the run's ``steps`` (after ``warmup``
 linear steps), ``"constant"`` keeps it; a resumed run that asks for more steps
 continues on the longer run's curve.
+
+Early stopping: every ``eval_every`` steps (default 25) and at the last one, the
+KL on the holdout (text the training never sees, `holdout.py`) is measured, and
+the run ends in the state where it was lowest (``eval_every=0``: the last state).
+The options are `DistillOptions`.
 """
 
 from __future__ import annotations

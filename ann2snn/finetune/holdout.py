@@ -3,6 +3,9 @@
 The holdout is text the training never sees: a file of the user's (``holdout=PATH``)
 or, by default, the last `HOLDOUT_SHARE` of the fine-tuning text's windows, cut off
 before any training window is drawn (``Batches`` draws only from the rest).
+`finetune` splits it: the rules choose on its even windows (distill's early
+stopping, each stdp update), its odd windows take the decisions below, so that
+a choice which only fitted the noise of the first half is not confirmed.
 
 Its figures are means over windows, and so is their noise. With d_w the mean of a
 per-token quantity over window w (windows of equal length, so the mean of the d_w
@@ -42,8 +45,9 @@ from ..errors import ConfigError
 from ..modules.neuron import set_simulation
 from .common import logits, swapped_weights, synaptic_parameters
 
-HOLDOUT_SHARE = 0.1  # of the fine-tuning text's windows, by default
-MIN_HOLDOUT_TOKENS = 4096
+HOLDOUT_SHARE = 0.1  # of the fine-tuning text's windows, by default ...
+MIN_HOLDOUT_TOKENS = 4096  # ... at least this many tokens while half the windows stay for training ...
+MAX_HOLDOUT_TOKENS = 16384  # ... and at most this many (it is measured at every decision; its noise falls as 1/√tokens)
 Z = 2.0
 TEACHER_CACHE_BYTES = 256 * 2**20  # keep the ANN's log-probabilities below this; recompute them above
 
@@ -62,8 +66,9 @@ def noise(values: torch.Tensor) -> float:
 def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(training windows, holdout windows, where the holdout comes from).
 
-    `holdout`: None (the last `HOLDOUT_SHARE` of the windows, at least
-    `MIN_HOLDOUT_TOKENS` tokens while that leaves half of them for training), a
+    `holdout`: None (the last `HOLDOUT_SHARE` of the windows, at most
+    `MAX_HOLDOUT_TOKENS` tokens, at least `MIN_HOLDOUT_TOKENS` while that leaves
+    half of them for training), a
     share in (0, 1) of the windows, a path (.txt, .jsonl or folder: read with
     `read_texts`) or a list of texts. The holdout windows never overlap the
     training windows.
@@ -75,8 +80,9 @@ def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tu
         count = windows.shape[0]
         held = math.ceil(share * count)
         if holdout is None:
+            held = min(held, math.ceil(MAX_HOLDOUT_TOKENS / (seq_len - 1)))
             held = max(held, min(math.ceil(MIN_HOLDOUT_TOKENS / (seq_len - 1)), count // 2))
-        if count < 2 or held >= count:
+        if held < 2 or held >= count:
             raise ConfigError(f"the fine-tuning text gives {count} window(s) of {seq_len} tokens, too few to hold "
                               f"some out; pass more text or a holdout file")
         return windows[:-held], windows[-held:], f"last {held} of {count} windows of the text"
@@ -86,7 +92,10 @@ def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tu
         texts, source = list(holdout), "texts"
     else:
         raise ConfigError(f"holdout must be a share between 0 and 1, a file or a list of texts, got {holdout!r}")
-    return windows, token_windows(tokenizer, texts, seq_len), source
+    held = token_windows(tokenizer, texts, seq_len)
+    if held.shape[0] < 2:
+        raise ConfigError(f"the holdout {source} gives fewer than 2 windows of {seq_len} tokens; pass more text")
+    return windows, held, source
 
 
 def warn_if_small(windows: torch.Tensor) -> str | None:

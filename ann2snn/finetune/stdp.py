@@ -109,16 +109,31 @@ pulled towards a target rate r*_c, slowly:
 same neuron has when driven by the ANN's activations (``target_rate=None``),
 a per-channel set point; a number sets one target rate for every neuron.
 
-Safeguard. After each update the holdout (text the training never sees, see
-`holdout.py`) is measured; the update is kept only if the holdout KL falls by more
-than its noise (paired by window: Z standard errors of the per-window fall) and
-the holdout perplexity does not rise. Otherwise it is undone and tried again at
-η/2 and η/4; when all three fail the update is dropped and η is halved (it grows
-back by 1.5× after each update kept at full size, up to its starting value).
-Chance alone moves the holdout figures: on SmolLM2-135M at T = 6 an update that
-lowered the KL by 0.9 % (0.2051 → 0.2033, mean |ΔW| 6e-7) moved the held-out
-perplexity gap by −2.0 %, and random weight changes of the same size move it by
-−7.9 … +2.1 % (levels flip); a fall within the noise is not evidence of learning.
+Error-driven thresholds. The teaching current also steers the threshold Δ_c of
+each Synapsis input neuron — a three-factor rule: the post-synaptic teaching
+current fed back through the synapse's own weights, b_p = Wᵀe_p (what the
+layer's error asks of input c), times the neuron's own quantisation residual
+∂x̂_c/∂Δ_c (LSQ: k − u inside the clip, ±L outside; u = x/Δ, k the spike count),
+times the gate. Per token a_p = G·b_{p,c}·(∂x̂_c/∂Δ_c)·Δ_c is minus the gradient of
+the layer's own error ½‖e_p‖² in log Δ_c; over the N tokens of the update
+
+    log Δ_c ← log Δ_c + η_c·Σ_p a_p / √(N·Σ_p a_p²)
+
+The factor is mean(a)/rms(a) ∈ [−1, 1]: near ±1 when the tokens agree on the
+direction, about 1/√N when they do not, so a threshold moves (at most by η_c,
+``clip_rate``, default 5 %) only as far as the text consistently asks — a
+decorrelated, bounded step rather than one that follows the noise of one text.
+
+Safeguard. After each update the selection half of the holdout (text the
+training never sees, see `holdout.py`) is measured; the update is kept only if
+the KL there falls and the perplexity does not rise. Otherwise it is undone and
+tried again at η/2 and η/4; when all three fail the update is dropped and η is
+halved (it grows back by 1.5× after each update kept at full size, up to its
+starting value). One update's gain is usually within the noise (on qwen2-tiny
+at phase T = 3 and 2048 tokens: KL falls of 0.001–0.004 against a paired noise
+of ±0.006 — any change flips levels), so updates are not tested for
+significance one by one; the whole run is, by `finetune`, on the other half of
+the holdout, which the choice of updates never saw.
 """
 
 from __future__ import annotations
@@ -133,7 +148,7 @@ from ..coding import SpikeCode
 from ..errors import ConfigError
 from ..modules.neuron import SignedNeuron, SpikeTrain, set_simulation
 from .common import kl_per_token, logits, swapped_weights, synapses
-from .holdout import HoldoutFigures, improvement
+from .holdout import HoldoutFigures
 from .rule import LearningRule, check_choice, check_number
 from .ste import calibrated_neurons
 
@@ -162,6 +177,22 @@ def _rate(train: SpikeTrain, channel_shape: torch.Size) -> torch.Tensor:
     return spikes.reshape((-1,) + tuple(channel_shape)).mean(0)
 
 
+def _per_channel_sum(values: torch.Tensor, channel_shape: torch.Size) -> torch.Tensor:
+    if len(channel_shape) == 0:
+        return values.sum()
+    return values.reshape((-1,) + tuple(channel_shape)).sum(0)
+
+
+def clip_eligibility(x: torch.Tensor, train: SpikeTrain, back: torch.Tensor, code: SpikeCode) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_p a_p, Σ_p a_p²) per input channel, a_p = b_p·∂x̂_p/∂Δ·Δ (module docstring, "Error-driven thresholds")."""
+    delta = train.delta.float()
+    u = x.float() / delta
+    k = train.counts().float()
+    slope = torch.where(u.abs() <= code.max_count, k - u, k)  # ∂x̂/∂Δ (LSQ)
+    a = back.float() * slope * delta
+    return _per_channel_sum(a, delta.shape), _per_channel_sum(a * a, delta.shape)
+
+
 @dataclass
 class StdpOptions:
     a_plus: float = 1.0  # A₊, potentiation (pre before post)
@@ -171,13 +202,14 @@ class StdpOptions:
     beta: float = 5.0  # β, the gate's steepness
     baseline_decay: float = 0.1  # α, the loss baseline's moving-average rate
     anchor: float = 0.0  # λ, the pull towards the converted weights W₀
-    threshold_rate: float = 0.01  # η_θ, homeostatic threshold rate (0: thresholds fixed)
+    threshold_rate: float = 0.01  # η_θ, homeostatic threshold rate (0: no homeostasis)
+    clip_rate: float = 0.05  # η_c, error-driven threshold rate of the Synapsis input neurons (0: off)
     target_rate: float | None = None  # one target firing rate for every neuron (None: each channel's ANN-driven rate)
     accumulate: int = 8  # batches whose traces make one update
     teacher: str = "local"  # where the desired post-synaptic output comes from (module docstring)
 
     def __post_init__(self):
-        for name in ("a_plus", "a_minus", "beta", "baseline_decay", "anchor", "threshold_rate"):
+        for name in ("a_plus", "a_minus", "beta", "baseline_decay", "anchor", "threshold_rate", "clip_rate"):
             check_number(name, getattr(self, name))
         for name in ("tau_plus", "tau_minus", "target_rate"):
             check_number(name, getattr(self, name), allow_none=True)
@@ -198,6 +230,8 @@ class Stdp(LearningRule):
         self.trace: dict[str, torch.Tensor] = {}
         self.rates: dict[str, torch.Tensor] = {}
         self.targets: dict[str, torch.Tensor] = {}
+        self.clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # Σa, Σa² per Synapsis input neuron
+        self.tokens = 0  # tokens in the pending batches
         self.pending = 0
         self.synapses = synapses(model)
         self.neurons = calibrated_neurons(model)
@@ -243,7 +277,7 @@ class Stdp(LearningRule):
     def collect(self, ids: torch.Tensor):
         """One batch through teacher and SNN: (task loss, Ê per Synapsis, SNN rates, target rates)."""
         model = self.model
-        targets, target_rates, pre, traces, rates = {}, {}, {}, {}, {}
+        targets, target_rates, pre, traces, rates, clips = {}, {}, {}, {}, {}, {}
         owner = {id(s.neuron): name for name, s in self.synapses}
         handles = []
         try:
@@ -274,7 +308,11 @@ class Stdp(LearningRule):
                     target = F.linear(args[0].detach(), self.originals[f"{name}.synapse.weight"], m.synapse.bias)
                 else:
                     target = targets.pop(name)
-                traces[name] = self.eligibility(pre.pop(name), target - out.detach(), m.neuron.code)
+                train, error = pre.pop(name), target - out.detach()
+                traces[name] = self.eligibility(train, error, m.neuron.code)
+                if self.options.clip_rate and id(m.neuron) in neuron_name:
+                    back = error.float() @ m.synapse.weight.float()  # the teaching current, fed back through W
+                    clips[neuron_name[id(m.neuron)]] = clip_eligibility(args[0].detach(), train, back, m.neuron.code)
 
             neuron_name = {id(n): name for name, n in self.neurons}
             for name, neuron in self.neurons:
@@ -289,10 +327,10 @@ class Stdp(LearningRule):
                 h.remove()
             set_simulation(model, "fast")
 
-        return loss, traces, rates, target_rates
+        return loss, traces, rates, target_rates, clips
 
     def step(self, ids: torch.Tensor, k: int, last: bool = False) -> float:
-        loss, traces, rates, target_rates = self.collect(ids)
+        loss, traces, rates, target_rates, clips = self.collect(ids)
 
         # 3. global modulation from the loss against its moving baseline
         if self.baseline is None:
@@ -304,6 +342,10 @@ class Stdp(LearningRule):
         # 4. the per-synapse eligibility traces integrate the gated Ê of `accumulate` batches
         for name, value in traces.items():
             self.trace[name] = gate * value if name not in self.trace else self.trace[name] + gate * value
+        for name, (first, second) in clips.items():
+            old = self.clips.get(name, (0.0, 0.0))
+            self.clips[name] = (old[0] + gate * first, old[1] + gate * gate * second)
+        self.tokens += ids.numel()
         for name, value in rates.items():
             self.rates[name] = value if name not in self.rates else self.rates[name] + value
             self.targets[name] = target_rates[name] if name not in self.targets else self.targets[name] + target_rates[name]
@@ -329,7 +371,10 @@ class Stdp(LearningRule):
                         rate = self.rates[name] / n
                         target = self.targets[name] / n if self.options.target_rate is None else torch.full_like(rate, self.options.target_rate)
                         factors[name] = self.options.threshold_rate * (rate - target)  # Δ log Δ at full rate
-        self.trace, self.rates, self.targets, self.pending = {}, {}, {}, 0
+            for name, (first, second) in self.clips.items():
+                agreement = first / (second * self.tokens).sqrt().clamp_min(1e-30)  # mean(a)/rms(a), in [−1, 1]
+                factors[name] = factors.get(name, 0.0) + self.options.clip_rate * agreement
+        self.trace, self.rates, self.targets, self.clips, self.pending, self.tokens = {}, {}, {}, {}, 0, 0
 
         # 5. keep the update only if the held-out-in-training loss does not rise: try η, η/2, η/4
         weights = {name: syn.synapse.weight for name, syn in self.synapses}
@@ -357,9 +402,8 @@ class Stdp(LearningRule):
         self.eta /= 2
 
     def _better(self, held: HoldoutFigures) -> bool:
-        """The safeguard's test: the holdout KL falls by more than its noise, and its perplexity does not rise."""
-        fall, noise = improvement(held, self.best, "kl")
-        return fall > noise and held.ppl_snn <= self.best.ppl_snn
+        """The safeguard's test: on the holdout's selection half, the KL falls and the perplexity does not rise."""
+        return held.kl < self.best.kl and held.ppl_snn <= self.best.ppl_snn
 
     def state_dict(self) -> dict:
         def cpu(d):
@@ -368,6 +412,8 @@ class Stdp(LearningRule):
             "weights": {f"{name}.synapse.weight": s.synapse.weight.detach().cpu().clone() for name, s in self.synapses},
             "deltas": {name: n.delta.detach().cpu().clone() for name, n in self.neurons},
             "trace": cpu(self.trace), "rates": cpu(self.rates), "targets": cpu(self.targets), "pending": self.pending,
+            "clips": {name: [v.detach().cpu().clone() for v in pair] for name, pair in self.clips.items()},
+            "tokens": self.tokens,
             "baseline": self.baseline, "best": vars(self.best), "eta": self.eta,
             "accepted": self.accepted, "rejected": self.rejected, "gates": list(self.gates),
         }
@@ -384,6 +430,8 @@ class Stdp(LearningRule):
         self.rates = {name: value.to(device) for name, value in state["rates"].items()}
         self.targets = {name: value.to(device) for name, value in state["targets"].items()}
         self.pending = state["pending"]
+        self.clips = {name: tuple(v.to(device) for v in pair) for name, pair in state["clips"].items()}
+        self.tokens = state["tokens"]
         self.baseline, self.best, self.eta = state["baseline"], HoldoutFigures(**state["best"]), state["eta"]
         self.accepted, self.rejected, self.gates = state["accepted"], state["rejected"], list(state["gates"])
 
