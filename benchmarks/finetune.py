@@ -2,7 +2,7 @@
 
     python benchmarks/finetune.py [CHECKPOINT] [-T 4,6,8] [--seeds 0,1,2] [--rules distill,distill+weights,stdp]
         [--steps 200] [--stdp-steps 96] [--train-chars 300000] [--max-eval-tokens 8192] [--seq-len 128]
-        [--batch-size 4] [--calib-samples 32] [--coding phase] [--options JSON] [--stdp-options JSON]
+        [--train-seq-len N] [--batch-size 4] [--calib-samples 32] [--coding phase] [--options JSON] [--stdp-options JSON]
         [--threads 1] [--json OUT.json]
 
 CHECKPOINT defaults to the embedded "qwen2-tiny"; any checkpoint that
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--train-chars", type=int, default=300_000)
     parser.add_argument("--max-eval-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--train-seq-len", type=int, default=None, help="tokens per fine-tuning window (default --seq-len)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--options", type=json.loads, default={}, help="distill options as JSON")
@@ -91,7 +92,8 @@ def main() -> None:
     texts = {name: token_windows(tokenizer, read_texts(bundled_text(name)), args.seq_len, max_tokens=args.max_eval_tokens)
              for name in TEXTS}
     print(f"# {args.checkpoint}: {args.coding} coding, {args.calib_samples} x {args.seq_len} calibration tokens; "
-          f"fine-tune on train.txt[:{args.train_chars}] in batches of {args.batch_size} x {args.seq_len} tokens "
+          f"fine-tune on train.txt[:{args.train_chars}] in batches of {args.batch_size} x "
+          f"{args.train_seq_len or args.seq_len} tokens "
           f"(distill {args.steps} steps, stdp {args.stdp_steps}); seeds {args.seeds}; torch {torch.__version__}, "
           f"{args.threads} thread(s)\n", flush=True)
     print("| T | rule | text | ANN ppl | SNN ppl before | noise | gap closed, per seed | mean | kept | wall |")
@@ -112,7 +114,8 @@ def main() -> None:
                 model = copy.deepcopy(snn)
                 model.ann2snn = dict(snn.ann2snn)
                 figures = finetune(model, tokenizer, train, rule=rule, steps=steps, seed=seed,
-                                   batch_size=args.batch_size, seq_len=args.seq_len, progress=False, **options)
+                                   batch_size=args.batch_size, seq_len=args.train_seq_len or args.seq_len,
+                                   progress=False, **options)
                 after = {name: nll_per_window(model, w, "fast") for name, w in texts.items()}
                 runs.append((figures, after))
             for name in TEXTS:

@@ -103,7 +103,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     set_simulation(model, "fast")
     for param in model.parameters():
         param.requires_grad_(False)
-    saved, losses, skipped, reverted = None, [], None, False
+    saved, losses, skipped, reverted, fall, fall_noise = None, [], None, False, None, None
     try:
         # the rules choose on one half of the holdout (early stopping, stdp's updates); the other half decides
         select, held_out = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
@@ -144,7 +144,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "train_windows": int(train.shape[0]), "holdout": holdout_source, "held_out_windows": int(val.shape[0]),
         "held_out_tokens": held_out.tokens, "selection_tokens": select.tokens, "ppl_ann": held_out.ppl_ann,
         "ppl_snn_before": before.ppl_snn, "ppl_snn_after": after.ppl_snn, "kl_before": before.kl, "kl_after": after.kl,
-        "gap_nats": gap, "gap_noise_nats": gap_noise,
+        "gap_nats": gap, "gap_noise_nats": gap_noise, "fall_nats": fall, "fall_noise_nats": fall_noise,
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
         "skipped": skipped, "reverted": reverted, "warnings": [w for w in (small,) if w],
         "wall_s": time.monotonic() - started,
