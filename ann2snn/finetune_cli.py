@@ -35,7 +35,7 @@ from .finetune.core import RULES
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="A rule option, repeatable (stdp: teacher=network, min_improvement=0, a_minus=0.5, ...; "
+              help="A rule option, repeatable (stdp: teacher=network, clip_rate=0.1, a_minus=0.5, ...; "
                    "distill: schedule=constant, hidden=0, ...); see ann2snn/finetune/.")
 @device_map_option
 @clean_errors

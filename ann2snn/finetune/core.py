@@ -117,10 +117,10 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             after = before
         else:
             losses = saved["losses"] if saved else []
-            summary = _train(Rule(model, options, lr=lr, steps=steps, synaptic=synaptic, originals=originals, holdout=select),
-                   Batches(train, batch_size, seed), device, steps, saved, losses, checkpoint, checkpoint_every,
-                   progress, {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "settings": settings,
-                              "before": vars(before)})
+            trainer = Rule(model, options, lr=lr, steps=steps, synaptic=synaptic, originals=originals, holdout=select)
+            header = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "settings": settings, "before": vars(before)}
+            summary = _train(trainer, Batches(train, batch_size, seed), device, steps, saved, losses, checkpoint,
+                             checkpoint_every, progress, header)
             after = held_out.evaluate()
             fall, fall_noise = improvement(after, before)
             reverted = not fall > fall_noise
@@ -140,7 +140,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     figures = {
         "rule": rule, "steps": steps, "resumed_from_step": saved["step"] if saved else None, "lr": lr,
         "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "options": dataclasses.asdict(options),
-        "train_weights": Rule.changes_weights(options) and rule == "distill",
+        "train_weights": bool(getattr(options, "train_weights", False)),
         "train_windows": int(train.shape[0]), "holdout": holdout_source, "held_out_windows": int(val.shape[0]),
         "held_out_tokens": held_out.tokens, "selection_tokens": select.tokens, "ppl_ann": held_out.ppl_ann,
         "ppl_snn_before": before.ppl_snn, "ppl_snn_after": after.ppl_snn, "kl_before": before.kl, "kl_after": after.kl,
