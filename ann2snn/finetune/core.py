@@ -106,10 +106,10 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     saved, losses, skipped, reverted, fall, fall_noise = None, [], None, False, None, None
     try:
         # the rules choose on one half of the holdout (early stopping, stdp's updates); the other half decides
-        select, held_out = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
+        select, deciding = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
         saved = _read_checkpoint(checkpoint, fingerprint) if resume else None
-        before = HoldoutFigures(**saved["before"]) if saved else held_out.evaluate()
-        gap, gap_noise = held_out.gap(before)
+        before = HoldoutFigures(**saved["before"]) if saved else deciding.evaluate()
+        gap, gap_noise = deciding.gap(before)
         if gap <= gap_noise and not force:
             skipped = (f"the conversion's gap on the holdout ({gap:+.4f} nats per token) is within its noise "
                        f"(±{gap_noise:.4f}): fine-tuning could only make it worse, so the SNN is left as it is "
@@ -121,7 +121,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             header = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "settings": settings, "before": vars(before)}
             summary = _train(trainer, Batches(train, batch_size, seed), device, steps, saved, losses, checkpoint,
                              checkpoint_every, progress, header)
-            after = held_out.evaluate()
+            after = deciding.evaluate()
             fall, fall_noise = improvement(after, before)
             reverted = not fall > fall_noise
             if reverted:  # not a gain that rises above the noise: hand the model back as it came
@@ -130,7 +130,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
                         neuron.delta.copy_(initial_deltas[name])
                     for name, value in (originals or {}).items():
                         synaptic[name].copy_(value)
-                after = held_out.evaluate()
+                after = deciding.evaluate()
     finally:
         for param, flag in grad_flags.items():
             param.requires_grad_(flag)
@@ -142,7 +142,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "options": dataclasses.asdict(options),
         "train_weights": bool(getattr(options, "train_weights", False)),
         "train_windows": int(train.shape[0]), "holdout": holdout_source, "held_out_windows": int(val.shape[0]),
-        "held_out_tokens": held_out.tokens, "selection_tokens": select.tokens, "ppl_ann": held_out.ppl_ann,
+        "held_out_tokens": deciding.tokens, "selection_tokens": select.tokens, "ppl_ann": deciding.ppl_ann,
         "ppl_snn_before": before.ppl_snn, "ppl_snn_after": after.ppl_snn, "kl_before": before.kl, "kl_after": after.kl,
         "gap_nats": gap, "gap_noise_nats": gap_noise, "fall_nats": fall, "fall_noise_nats": fall_noise,
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,

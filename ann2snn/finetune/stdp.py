@@ -376,7 +376,7 @@ class Stdp(LearningRule):
                 factors[name] = factors.get(name, 0.0) + self.options.clip_rate * agreement
         self.trace, self.rates, self.targets, self.clips, self.pending, self.tokens = {}, {}, {}, {}, 0, 0
 
-        # 5. keep the update only if the held-out-in-training loss does not rise: try η, η/2, η/4
+        # 5. keep the update only if it helps on the holdout's selection half: try η, η/2, η/4
         weights = {name: syn.synapse.weight for name, syn in self.synapses}
         neurons = dict(self.neurons)
         for scale in self.backtrack:
