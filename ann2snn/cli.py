@@ -12,7 +12,7 @@ import json
 
 import click
 
-from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positive
+from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positive, print_notes
 
 
 @click.group()
@@ -91,10 +91,12 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     if figures is not None:
         from .finetune import gap_reduction
 
-        click.echo(f"fine-tuned ({figures['rule']}, {figures['steps']} steps): held-out perplexity ANN "
+        click.echo(f"{'not fine-tuned' if figures['skipped'] else 'fine-tuned'} ({figures['rule']}, {figures['steps']} steps): held-out perplexity ANN "
                    f"{figures['ppl_ann']:.3f}  SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                    f"(gap closed {gap_reduction(figures):.1f}%)"
-                   + ("; it made the held-out loss worse, so it was undone" if figures["reverted"] else ""))
+                   + ("; it did not lower the held-out perplexity beyond its noise, so it was undone"
+                      if figures["reverted"] else ""))
+        print_notes(figures)
 
 
 @main.command()

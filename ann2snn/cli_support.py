@@ -64,3 +64,10 @@ def device_map_option(command):
         help="cpu, a device (cuda, cuda:1, mps) or auto: accelerate spreads whole decoder layers over the GPUs "
              "there are and keeps the rest in CPU memory (needs accelerate)."
     )(command)
+
+
+def print_notes(figures: dict | None) -> None:
+    """A fine-tune's warnings (a small holdout) and why it was skipped, one `note:` line each on stderr."""
+    if figures:
+        for message in figures.get("warnings", []) + ([figures["skipped"]] if figures.get("skipped") else []):
+            click.echo(f"note: {message}", err=True)

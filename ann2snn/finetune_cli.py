@@ -9,7 +9,7 @@ import json
 
 import click
 
-from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positive
+from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positive, print_notes
 
 
 @click.command()
@@ -27,19 +27,25 @@ from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positi
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, callback=positive,
               help="Steps between checkpoints (kept beside --out until the export is written).")
 @click.option("--resume", is_flag=True, hidden=True, help="No effect: a rerun with the same options always resumes.")
+@click.option("--holdout", default=None, metavar="FILE|SHARE",
+              help="Text that decides whether the fine-tune is kept (never trained on): a file, or a share of --data "
+                   "(default: its last 10%, at least 4096 tokens).")
+@click.option("--force", is_flag=True, help="Fine-tune even when the conversion's gap on the holdout is within its noise.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out that is an ann2snn export or an empty folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="A rule option, repeatable (stdp: teacher=network, min_improvement=0, a_minus=0.5, ...; "
+              help="A rule option, repeatable (stdp: teacher=network, clip_rate=0.1, a_minus=0.5, ...; "
                    "distill: schedule=constant, hidden=0, ...); see ann2snn/finetune/.")
 @device_map_option
 @clean_errors
 def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_len, train_weights, checkpoint_every,
-             resume, overwrite, as_json, options, device_map):
+             resume, holdout, force, overwrite, as_json, options, device_map):
     """Fine-tune the SNN in EXPORT_DIR on --data and export it to --out.
 
-    The last windows of --data are held out of training; the figures printed
-    (ANN and SNN perplexity, before and after) are measured on them.
+    --holdout (default: the last windows of --data) is never trained on; the
+    figures printed (ANN and SNN perplexity, before and after) are measured on
+    it, and the fine-tune is kept only if it lowers the SNN's perplexity there
+    by more than the noise.
 
     The checkpoint is kept beside --out until the export is written: an
     interrupted run resumes from it when rerun with the same options.
@@ -48,7 +54,9 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
 
     figures = finetune_export(export_dir, data, out_dir, rule=rule, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                               seq_len=seq_len, train_weights=train_weights, checkpoint_every=checkpoint_every,
-                              overwrite=overwrite, device_map=device_map, progress=not as_json, **_parse_options(options))
+                              holdout=_parse_holdout(holdout), force=force, overwrite=overwrite, device_map=device_map,
+                              progress=not as_json, **_parse_options(options))
+    print_notes(figures)
     if as_json:
         click.echo(json.dumps(figures, sort_keys=True))
         return
@@ -57,12 +65,30 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
     changed = f"thresholds changed {figures['thresholds_changed']}/{figures['thresholds_total']}"
     if figures.get("mean_abs_dw"):
         changed += f", mean |Δw| {figures['mean_abs_dw']:.3g}"
-    click.echo(f"fine-tuned ({rule}, {steps} steps) → {figures['out']}\n"
+    click.echo(f"{'not fine-tuned' if figures['skipped'] else 'fine-tuned'} ({rule}, {steps} steps) → {figures['out']}\n"
                f"held-out ({figures['held_out_tokens']} tokens): perplexity ANN {figures['ppl_ann']:.3f}  "
                f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                f"(gap closed {gap_reduction(figures):.1f}%)\n"
                f"KL(ANN‖SNN) {figures['kl_before']:.5f} → {figures['kl_after']:.5f}; {changed}"
-               + ("\nthe fine-tune made the held-out loss worse, so it was undone" if figures["reverted"] else ""))
+               + ("\nthe fine-tune did not lower the held-out perplexity beyond its noise, so it was undone"
+                  if figures["reverted"] else ""))
+
+
+def _parse_holdout(value):
+    """--holdout: a share (a number) or a file (read now, so a bad one is refused before loading the model)."""
+    from .calibration.data import read_texts
+    from .errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        read_texts(value)
+        return value
+    if not 0 < share < 1:
+        raise ConfigError(f"--holdout {value} is neither a share between 0 and 1 nor a file; pass e.g. 0.1 or text.txt")
+    return share
 
 
 def _parse_options(pairs) -> dict:

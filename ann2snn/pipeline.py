@@ -35,6 +35,7 @@ import hashlib
 import os
 import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -117,11 +118,12 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
 
 def finetune_export(export: str | Path, data: str | Path, out: str | Path, *, rule: str = "distill", steps: int = 200,
                     lr: float | None = None, seed: int = 0, batch_size: int = 4, seq_len: int = 128,
-                    train_weights: bool = False, checkpoint_every: int = 50, overwrite: bool = False,
-                    device_map: str | None = "cpu", progress: bool = True, **rule_options) -> dict:
+                    train_weights: bool = False, checkpoint_every: int = 50, holdout=None, force: bool = False,
+                    overwrite: bool = False, device_map: str | None = "cpu", progress: bool = True, **rule_options) -> dict:
     """Fine-tune the SNN in `export` on the text in `data` and export it to `out` (`ann2snn finetune`).
 
-    Settings as `ann2snn.finetune.finetune`. The checkpoint is kept in `.OUT.finetune/` beside `out` until
+    Settings as `ann2snn.finetune.finetune` (`holdout`: a file or a share of `data` that decides whether the
+    fine-tune is kept; `force`: fine-tune even when the conversion is within that text's noise). The checkpoint is kept in `.OUT.finetune/` beside `out` until
     the export is written: a rerun with the same arguments resumes from it. Returns the figures, with "out".
     """
     out = Path(out)
@@ -142,7 +144,7 @@ def finetune_export(export: str | Path, data: str | Path, out: str | Path, *, ru
     with _kept_on_interrupt(checkpoints):
         figures = _finetune(model, tokenizer, texts, checkpoints, progress, rule=rule, steps=steps, lr=lr, seed=seed,
                             batch_size=batch_size, seq_len=seq_len, train_weights=train_weights,
-                            checkpoint_every=checkpoint_every, **rule_options)
+                            checkpoint_every=checkpoint_every, holdout=holdout, force=force, **rule_options)
         save(model, out, tokenizer, overwrite=overwrite)
     shutil.rmtree(checkpoints, ignore_errors=True)
     figures["out"] = str(out)
@@ -263,11 +265,13 @@ def _keep_statistics(statistics: dict, info: dict, resume: Path) -> None:
 
 def _finetune(snn, tokenizer, texts, checkpoints: Path, progress: bool, **settings) -> dict:
     """`ann2snn.finetune` with its checkpoints in `checkpoints`, resuming from the one there (same settings)."""
-    from .finetune import finetune
+    from .finetune import HoldoutWarning, finetune
 
     if (checkpoints / CHECKPOINT_FILE).is_file():
         _note(f"resuming the fine-tune from the checkpoint in {checkpoints}")
-    return finetune(snn, tokenizer, texts, checkpoint_dir=checkpoints, resume=True, progress=progress, **settings)
+    with warnings.catch_warnings():  # a small holdout is named in the figures' "warnings", printed by the CLI
+        warnings.simplefilter("ignore", HoldoutWarning)
+        return finetune(snn, tokenizer, texts, checkpoint_dir=checkpoints, resume=True, progress=progress, **settings)
 
 
 @contextmanager

@@ -1,42 +1,30 @@
-"""Does plasticity fine-tuning close the gap between a converted SNN and its ANN, on text it never saw?
+"""Does fine-tuning close the gap between a converted SNN and its ANN on text it never saw, and never widen it?
 
-    python benchmarks/finetune.py [CHECKPOINT] [--coding phase] [-T 3] [--steps 200]
-        [--rules distill,distill+weights,stdp] [--train-chars 300000] [--max-eval-tokens 8192]
-        [--seq-len 128] [--train-seq-len N] [--batch-size 4] [--lr LR] [--calib-samples 32]
-        [--texts heldout.txt,unseen.txt] [--threads 1] [--json OUT.json] [--options JSON]
+    python benchmarks/finetune.py [CHECKPOINT] [-T 4,6,8] [--seeds 0,1,2] [--rules distill,distill+weights,stdp]
+        [--steps 200] [--stdp-steps 96] [--train-chars 300000] [--max-eval-tokens 8192] [--seq-len 128]
+        [--train-seq-len N] [--batch-size 4] [--calib-samples 32] [--coding phase] [--options JSON] [--stdp-options JSON]
+        [--threads 1] [--json OUT.json]
 
 CHECKPOINT defaults to the embedded "qwen2-tiny"; any checkpoint that
-``ann2snn.load_ann`` takes works, e.g. a local Hugging Face folder such as the
-real pretrained model that ``benchmarks/real_model.py`` builds:
+``ann2snn.load_ann`` takes works (e.g. /work/models/SmolLM2-135M-Instruct).
 
-    python benchmarks/finetune.py ~/.cache/ann2snn/real_model/SmolLM2-135M-Instruct -T 6 --calib-samples 8 \
-        --rules distill,distill+weights --steps 60 --batch-size 2 --train-seq-len 64 --max-eval-tokens 2048
+For each T the model is converted once (the library defaults: qwen2 recipe,
+MSE thresholds, --calib-samples windows of --seq-len tokens of the bundled
+training text); then each rule fine-tunes its own copy of that SNN with each
+seed (the batch order) on the first --train-chars characters of the bundled
+training text (Jane Austen), with `finetune`'s defaults (``distill+weights``:
+``train_weights=True``): the last tenth of
+those windows is the holdout that decides whether to fine-tune at all and
+whether to keep the result. Figures are measured on text no stage ever saw, in
+non-overlapping windows of --seq-len tokens, at most --max-eval-tokens each:
+``heldout.txt`` (the end of *Persuasion*: the training text's kind) and
+``unseen.txt`` (Melville and others: another kind).
 
-(the README's figures; about 19 minutes on 2 shared CPU cores).
-
-The model is converted once (the library defaults: qwen2 recipe, MSE
-thresholds, --calib-samples windows of --seq-len tokens of the bundled training
-text) at a small T where conversion alone leaves a clear gap (phase coding,
-T = 3 for the embedded model), then each rule fine-tunes its own copy of that
-SNN on the first --train-chars characters of the bundled training text (Jane
-Austen; the embedded model's own training text) in windows of --train-seq-len
-tokens (default --seq-len). Figures are measured on text no stage ever saw:
-``heldout.txt`` (the end of *Persuasion*, kept out of the model's training and
-out of train.txt) and ``unseen.txt`` (Melville), in non-overlapping windows of
---seq-len tokens, at most --max-eval-tokens tokens each.
-
-Per rule and text:
-- ANN ppl: the converted model with spiking off, before fine-tuning (the teacher);
-- SNN before / after: perplexity of the SNN ("fast" simulation: exactly what the
-  spiking simulation accumulates) before and after fine-tuning;
-- gap closed: 100·(gap_before − gap_after)/gap_before with gap = PPL(SNN) − PPL(ANN);
-- ANN after: the float network of the fine-tuned weights (differs from the ANN
-  only for rules that change weights) — a reminder that ``ann2snn eval`` on a
-  weight-tuned export compares against these weights, not the original ANN.
-
-Rules: ``distill`` (thresholds only), ``distill+weights`` (thresholds and
-Synapsis weights), ``stdp`` (reward-modulated STDP on the weights, homeostatic
-thresholds), each with its default rate.
+gap closed = 100·(gap_before − gap_after)/gap_before, gap = PPL(SNN) − PPL(ANN),
+against the converted model's ANN (spiking off, original weights). The noise
+column is the largest over the seeds of 2 standard errors of the change (the
+per-window NLL after − before on the same windows, paired; as perplexity, in %
+of the gap): a change within it is not distinguishable from chance.
 """
 
 from __future__ import annotations
@@ -44,104 +32,110 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import ann2snn  # noqa: E402
 from ann2snn.calibration.data import bundled_text, read_texts, token_windows  # noqa: E402
-from ann2snn.evaluate import logits_over, perplexity  # noqa: E402
-from ann2snn.finetune import finetune  # noqa: E402
+from ann2snn.evaluate import logits_over  # noqa: E402
+from ann2snn.finetune import HoldoutWarning, finetune  # noqa: E402
+from ann2snn.finetune.holdout import noise  # noqa: E402
 
-RULES = {"distill": dict(rule="distill"), "distill+weights": dict(rule="distill", train_weights=True),
-         "stdp": dict(rule="stdp")}
+TEXTS = ("heldout.txt", "unseen.txt")
+RULES = {"distill": ("distill", {}), "distill+weights": ("distill", {"train_weights": True}), "stdp": ("stdp", {})}
 
 
-def ppl(model, windows, simulation):
-    value = perplexity(logits_over(model, windows, simulation), windows)
+def nll_per_window(model, windows, simulation) -> torch.Tensor:
+    logits = logits_over(model, windows, simulation)
     ann2snn.set_simulation(model, "fast")
-    return value
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none")
+    return nll.mean(-1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?", default="qwen2-tiny")
     parser.add_argument("--coding", default="phase", choices=["phase", "rate"])
-    parser.add_argument("-T", "--timesteps", type=int, default=3)
+    parser.add_argument("-T", "--timesteps", default="4,6,8")
+    parser.add_argument("--seeds", default="0,1,2", help="fine-tune seeds (batch order); the conversion is fixed")
+    parser.add_argument("--rules", default="distill,distill+weights,stdp", help=f"of {', '.join(RULES)}")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--rules", default="distill,distill+weights,stdp")
+    parser.add_argument("--stdp-steps", type=int, default=96, help="stdp's steps (12 updates of 8 batches)")
     parser.add_argument("--train-chars", type=int, default=300_000)
     parser.add_argument("--max-eval-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--train-seq-len", type=int, default=None, help="tokens per fine-tuning window (default --seq-len)")
-    parser.add_argument("--lr", type=float, default=None, help="the rules' rate (default: each rule's own)")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--texts", default="heldout.txt,unseen.txt", help="bundled texts to measure on")
-    parser.add_argument("--seed", type=int, default=0, help="the fine-tune's seed (batch order); the conversion is fixed")
+    parser.add_argument("--options", type=json.loads, default={}, help="distill options as JSON")
+    parser.add_argument("--stdp-options", type=json.loads, default={}, help="stdp options as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--options", type=json.loads, default={},
-                        help='rule options as JSON for every rule run, e.g. \'{"min_improvement": 0.01}\' (see ann2snn.finetune)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rules = args.rules.split(",")
-    unknown = set(rules) - set(RULES)
+    warnings.simplefilter("ignore", HoldoutWarning)
+    unknown = set(args.rules.split(",")) - set(RULES)
     if unknown:
         parser.error(f"unknown rule(s) {', '.join(sorted(unknown))}; choose from {', '.join(RULES)}")
 
     started = time.monotonic()
     ann, tokenizer = ann2snn.load_ann(args.checkpoint)
-    snn = ann2snn.convert(ann, tokenizer, coding=args.coding, timesteps=args.timesteps, calib_samples=args.calib_samples,
-                          seq_len=args.seq_len, progress=False)  # --seed is the fine-tune's: one conversion
     train = [bundled_text("train.txt").read_text(encoding="utf-8")[: args.train_chars]]
     texts = {name: token_windows(tokenizer, read_texts(bundled_text(name)), args.seq_len, max_tokens=args.max_eval_tokens)
-             for name in args.texts.split(",")}
-    base = {name: {"ann": ppl(snn, w, "ann"), "snn": ppl(snn, w, "fast"), "tokens": int(w[:, 1:].numel())}
-            for name, w in texts.items()}
-    train_seq_len = args.train_seq_len or args.seq_len
-    print(f"# {args.checkpoint}: {args.coding} coding, T={args.timesteps}, {args.calib_samples} x {args.seq_len} "
-          f"calibration tokens; fine-tune: {args.steps} steps x {args.batch_size} x {train_seq_len} tokens of "
-          f"train.txt[:{args.train_chars}]; converted and measured in {time.monotonic() - started:.0f} s, "
-          f"torch {torch.__version__}, {args.threads} thread(s)\n", flush=True)
+             for name in TEXTS}
+    print(f"# {args.checkpoint}: {args.coding} coding, {args.calib_samples} x {args.seq_len} calibration tokens; "
+          f"fine-tune on train.txt[:{args.train_chars}] in batches of {args.batch_size} x "
+          f"{args.train_seq_len or args.seq_len} tokens "
+          f"(distill {args.steps} steps, stdp {args.stdp_steps}); seeds {args.seeds}; torch {torch.__version__}, "
+          f"{args.threads} thread(s)\n", flush=True)
+    print("| T | rule | text | ANN ppl | SNN ppl before | noise | gap closed, per seed | mean | kept | wall |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | --- | ---: | --- | ---: |", flush=True)
 
     results = []
-    for label in rules:
-        model = copy.deepcopy(snn)
-        model.ann2snn = dict(snn.ann2snn)
-        figures = finetune(model, tokenizer, train, steps=args.steps, lr=args.lr, seed=args.seed,
-                           batch_size=args.batch_size, seq_len=train_seq_len, progress=False, **RULES[label],
-                           **args.options)
-        for name, windows in texts.items():
-            after = ppl(model, windows, "fast")
-            # the float network changes only where the weights did
-            ann_after = ppl(model, windows, "ann") if figures["mean_abs_dw"] else base[name]["ann"]
-            gap_before = base[name]["snn"] - base[name]["ann"]
-            gap_after = after - base[name]["ann"]
-            results.append({"rule": label, "text": name, "tokens": base[name]["tokens"], "ppl_ann": base[name]["ann"],
-                            "ppl_snn_before": base[name]["snn"], "ppl_snn_after": after,
-                            "gap_closed_pct": 100 * (gap_before - gap_after) / gap_before, "ppl_ann_after": ann_after,
-                            "finetune": figures})
-
-    print("| rule | text (tokens) | ANN ppl | SNN ppl before | SNN ppl after | gap closed | ANN after | "
-          "KL in-training held-out | what changed | wall |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
-    for r in results:
-        f = r["finetune"]
-        changed = f"{f['thresholds_changed']}/{f['thresholds_total']} thresholds (mean {f['mean_threshold_change_pct']:.2f}%)"
-        if f.get("mean_abs_dw"):
-            changed += f", mean abs dw {f['mean_abs_dw']:.2e} (mean abs w {f['mean_abs_w']:.3f})"
-        if f["rule"] == "stdp":
-            changed += f", updates kept {f['updates_kept']}/{f['updates_kept'] + f['updates_undone']}"
-        if f["reverted"]:
-            changed += ", REVERTED"
-        print(f"| {r['rule']} | {r['text']} ({r['tokens']}) | {r['ppl_ann']:.3f} | {r['ppl_snn_before']:.3f} | "
-              f"{r['ppl_snn_after']:.3f} | {r['gap_closed_pct']:.1f}% | {r['ppl_ann_after']:.3f} | "
-              f"{f['kl_before']:.4f} → {f['kl_after']:.4f} | {changed} | {f['wall_s']:.0f} s |")
+    for T in [int(t) for t in args.timesteps.split(",")]:
+        snn = ann2snn.convert(ann, tokenizer, coding=args.coding, timesteps=T, calib_samples=args.calib_samples,
+                              seq_len=args.seq_len, progress=False)
+        ann_nll = {name: nll_per_window(snn, w, "ann") for name, w in texts.items()}
+        before = {name: nll_per_window(snn, w, "fast") for name, w in texts.items()}
+        for label in args.rules.split(","):
+            rule, options = RULES[label]
+            options = {**options, **(args.options if rule == "distill" else args.stdp_options)}
+            steps = args.steps if rule == "distill" else args.stdp_steps
+            runs = []
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                model = copy.deepcopy(snn)
+                model.ann2snn = dict(snn.ann2snn)
+                figures = finetune(model, tokenizer, train, rule=rule, steps=steps, seed=seed,
+                                   batch_size=args.batch_size, seq_len=args.train_seq_len or args.seq_len,
+                                   progress=False, **options)
+                after = {name: nll_per_window(model, w, "fast") for name, w in texts.items()}
+                runs.append((figures, after))
+            for name in TEXTS:
+                ppl_ann = math.exp(float(ann_nll[name].mean()))
+                ppl_before = math.exp(float(before[name].mean()))
+                gap = ppl_before - ppl_ann
+                # the noise of a change: 2 standard errors of the per-window NLL change, paired, as % of the gap
+                noise_pct = max(100 * (math.exp(noise(before[name] - after[name])) - 1) * ppl_before / gap
+                                for _, after in runs)
+                closed = [100 * (ppl_before - math.exp(float(after[name].mean()))) / gap for _, after in runs]
+                kept = " / ".join(("skipped" if f["skipped"] else "undone" if f["reverted"] else "kept")
+                                  + (f" ({f.get('updates_kept', 0)} upd.)" if rule == "stdp" else "") for f, _ in runs)
+                wall = sum(f["wall_s"] for f, _ in runs) / len(runs)
+                print(f"| {T} | {label} | {name} | {ppl_ann:.3f} | {ppl_before:.3f} | ±{noise_pct:.0f}% | "
+                      f"{' / '.join(f'{c:+.1f}%' for c in closed)} | {sum(closed) / len(closed):+.1f}% | {kept} | "
+                      f"{wall:.0f} s |", flush=True)
+                results.append({"T": T, "rule": label, "text": name, "ppl_ann": ppl_ann, "ppl_snn_before": ppl_before,
+                                "noise_pct_of_gap": noise_pct, "gap_closed_pct": closed,
+                                "finetune": [f for f, _ in runs]})
+    print(f"\n{time.monotonic() - started:.0f} s in all", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
 

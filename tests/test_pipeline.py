@@ -349,7 +349,7 @@ def test_finetune_resumes_by_itself_like_convert(exported, tmp_path, monkeypatch
     data = tmp_path / "text.txt"
     data.write_text(Path(UNSEEN).read_text()[:20000])
     out = tmp_path / "tuned"
-    settings = dict(rule="distill", steps=2, seq_len=32, batch_size=2)
+    settings = dict(rule="distill", steps=2, seq_len=32, batch_size=2, force=True)  # force: train even within noise
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -362,7 +362,7 @@ def test_finetune_resumes_by_itself_like_convert(exported, tmp_path, monkeypatch
     assert caught.value.kept == [checkpoints] and (checkpoints / "finetune-checkpoint.pt").is_file()
 
     result = run("finetune", exported, "--data", data, "--out", out, "--steps", 2, "--seq-len", 32, "--batch-size", 2,
-                 "--json")  # no --resume
+                 "--force", "--json")  # no --resume
     assert result.exit_code == 0, result.output
     assert f"resuming the fine-tune from the checkpoint in {checkpoints}" in result.output
     assert json.loads(result.output.strip().splitlines()[-1])["resumed_from_step"] == 2

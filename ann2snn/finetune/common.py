@@ -1,15 +1,13 @@
-"""Pieces both fine-tuning rules share: the teacher, the distillation loss, batches, held-out figures."""
+"""Pieces both fine-tuning rules share: the synapses, the teacher's weights, the distillation loss, batches."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules.neuron import set_simulation
 from ..modules.synapsis import Synapsis
 
 
@@ -81,45 +79,3 @@ class Batches:
         for j in range(k * self.batch_size, (k + 1) * self.batch_size):
             rows.append(int(self._order(j // n)[j % n]))
         return self.windows[rows]
-
-
-class HeldOut:
-    """The held-out-in-training windows: the teacher's log-probabilities once, then the student against them."""
-
-    def __init__(self, model: nn.Module, windows: torch.Tensor, originals: dict[str, torch.Tensor] | None,
-                 batch_size: int = 4):
-        self.model = model
-        self.windows = windows
-        self.batch_size = batch_size
-        self.params = synaptic_parameters(model)
-        self.originals = originals
-        self.device = next(model.parameters()).device
-        self.teacher = []
-        nll, count = 0.0, 0
-        with torch.no_grad(), swapped_weights(self.params, originals):
-            set_simulation(model, "ann")
-            for ids in self._batches():
-                out = F.log_softmax(logits(model, ids).float(), -1)
-                self.teacher.append(out.cpu())
-                nll += F.nll_loss(out[:, :-1].reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-                count += ids[:, 1:].numel()
-        set_simulation(model, "fast")
-        self.ppl_ann = math.exp(nll / count)
-
-    def _batches(self):
-        for start in range(0, self.windows.shape[0], self.batch_size):
-            yield self.windows[start:start + self.batch_size].to(self.device)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """kl: mean KL(teacher ‖ SNN) per token; ppl_snn: the SNN's perplexity ("fast" simulation)."""
-        set_simulation(self.model, "fast")
-        kl, nll, positions, count = 0.0, 0.0, 0, 0
-        for ids, teacher in zip(self._batches(), self.teacher):
-            student = F.log_softmax(logits(self.model, ids).float(), -1)
-            t = teacher.to(student.device)
-            kl += (t.exp() * (t - student)).sum().item()
-            positions += ids.numel()
-            nll += F.nll_loss(student[:, :-1].reshape(-1, student.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-            count += ids[:, 1:].numel()
-        return {"kl": kl / positions, "ppl_snn": math.exp(nll / count)}

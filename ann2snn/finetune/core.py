@@ -1,7 +1,8 @@
-"""`finetune`: run a plasticity rule on a converted model, with held-out figures, checkpoints and resume."""
+"""`finetune`: run a learning rule on a converted model, kept only if it helps on held-out text; checkpoints and resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,86 +16,84 @@ from tqdm.auto import tqdm
 from ..calibration.data import token_windows
 from ..errors import CheckpointError, ConfigError
 from ..modules.neuron import set_simulation
-from .common import Batches, HeldOut, synaptic_parameters
-from .distill import SCHEDULES, DistillRule
-from .stdp import STDPRule
+from .common import Batches, synaptic_parameters
+from .distill import Distill
+from .holdout import Holdout, HoldoutFigures, improvement, split_holdout, warn_if_small
+from .rule import LearningRule
+from .stdp import Stdp
 from .ste import calibrated_neurons
 
-RULES = ("distill", "stdp")
+LEARNING_RULES = {rule.name: rule for rule in (Distill, Stdp)}
+RULES = tuple(LEARNING_RULES)
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
-CHECKPOINT_FORMAT = 2  # 2: stdp keeps held-out KL and perplexity, and teaches locally by default
-DISTILL_DEFAULTS = {"schedule": "cosine", "softmax": False, "warmup": 0, "hidden": 1.0, "scale_lr": None}  # see `DistillRule`
+CHECKPOINT_FORMAT = 3  # 3: options as dataclasses, per-window holdout figures
 
 
 def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, lr: float | None = None,
              seed: int = 0, batch_size: int = 4, seq_len: int = 128, checkpoint_dir: str | Path | None = None,
              resume: bool = False, train_weights: bool = False, progress: bool = True, *,
-             checkpoint_every: int = 50, held_out_windows: int | None = None, max_tokens: int | None = None,
+             checkpoint_every: int = 50, holdout=None, force: bool = False, max_tokens: int | None = None,
              weight_lr: float | None = None, **rule_options) -> dict:
     """Fine-tune a converted SNN (`ann2snn.convert` / `ann2snn.load`) on `texts`, in place; returns its figures.
 
     rule: ``"distill"`` (gradient: thresholds — and with ``train_weights`` the
-    Synapsis weights — towards the ANN's next-token distribution, see
-    `ann2snn.finetune.distill`) or ``"stdp"`` (reward-modulated STDP on the
-    Synapsis weights with homeostatic thresholds, see `ann2snn.finetune.stdp`).
-
-    The texts are cut into windows of `seq_len` tokens; the last
-    `held_out_windows` of them (default 8 for distill, 32 for stdp, whose
-    safeguard selects updates on them; at most a tenth, at least one) are held
-    out of training and give the figures before and after.
-    `steps` batches of `batch_size` windows are drawn from the rest by `seed`.
+    Synapsis weights, at Adam rate ``weight_lr`` — towards the ANN's next-token
+    distribution, see `ann2snn.finetune.distill`) or ``"stdp"`` (reward-modulated
+    STDP on the Synapsis weights with homeostatic thresholds, see
+    `ann2snn.finetune.stdp`). `rule_options` are the fields of the rule's
+    options dataclass (`DistillOptions`, `StdpOptions`); unknown ones are refused.
     `lr`: the rule's rate (distill: Adam on log-thresholds, default 3e-2, on a
-    cosine schedule over `steps`; stdp: η, default 8). `weight_lr`: distill's
-    Adam rate for weights (default 1e-4). `rule_options` go to the rule
-    (distill: schedule, hidden, scale_lr, softmax, warmup — see
-    `ann2snn.finetune.distill`; stdp: a_plus, a_minus, tau_plus, tau_minus,
-    beta, baseline_decay, anchor, threshold_rate, target_rate, accumulate,
-    min_improvement, teacher). `max_tokens` caps the text used.
+    cosine schedule over `steps`; stdp: η, default 8).
+
+    The texts are cut into windows of `seq_len` tokens (`max_tokens` caps the
+    text used). `holdout` is the text that decides (see
+    `ann2snn.finetune.holdout`): None holds out the last tenth of the windows (at
+    least 4096 tokens while half stay for training), a number in (0, 1) that share,
+    a path or a list of texts that text; the training never sees it. Fewer than
+    4096 holdout tokens give a `HoldoutWarning`. Its even windows are the rules'
+    to choose on (distill's early stopping, stdp's updates), its odd windows
+    decide (and give the figures): a choice made on noise is not confirmed by
+    windows it was not made on. `steps` batches of
+    `batch_size` windows are drawn from the training windows by `seed`.
+
+    When the conversion's own gap on the holdout (NLL of the SNN − NLL of the
+    ANN) is within its noise, nothing is trained and the model is left as it
+    is (``skipped`` says why), unless `force`. After training, the fine-tune is
+    kept only if the holdout NLL fell by more than its noise; otherwise every
+    change is undone (``reverted``).
 
     With `checkpoint_dir`, the state (thresholds, changed weights, optimizer
     state, step, RNG) is written there every `checkpoint_every` steps and at the
     end; `resume=True` continues from it (same rule, settings and texts; a
-    larger `steps` continues further). If the fine-tuned model ends worse on the
-    held-out windows than it started, every change is undone (``reverted``).
+    larger `steps` continues further).
 
-    The model keeps the better state, in ``"fast"`` simulation; its
-    ``model.ann2snn["finetune"]`` (written into an export's snn_config.json by
-    `ann2snn.save`) records the figures.
+    The model ends in ``"fast"`` simulation; its ``model.ann2snn["finetune"]``
+    (written into an export's snn_config.json by `ann2snn.save`) records the figures.
     """
     started = time.monotonic()
-    _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every,
-                   1 if held_out_windows is None else held_out_windows, resume, checkpoint_dir)
-    check_rule_options(rule, rule_options)
-    if rule == "distill":
-        rule_options = {**DISTILL_DEFAULTS, **rule_options}
-        if rule_options["schedule"] not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {rule_options['schedule']!r}")
-        for name in ("hidden", "scale_lr", "warmup"):
-            value = rule_options[name]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value < 0):
-                raise ConfigError(f"{name} must be a number of at least 0, got {value!r}")
-    neurons = calibrated_neurons(model, softmax=rule == "distill" and bool(rule_options["softmax"]))
+    _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resume, checkpoint_dir)
+    Rule = LEARNING_RULES[rule]
+    if rule == "distill":  # distill's own options, kept as arguments of `finetune` and the CLI's flags
+        rule_options = {"train_weights": bool(train_weights), **({} if weight_lr is None else {"weight_lr": weight_lr}),
+                        **rule_options}
+    options = Rule.options_from(rule_options)
+    neurons = calibrated_neurons(model, softmax=getattr(options, "softmax", False))
     if not neurons:
         raise ConfigError("this model has no calibrated spiking neurons to fine-tune; convert it with ann2snn first")
-    lr = (DistillRule if rule == "distill" else STDPRule).default_lr if lr is None else lr
-    if held_out_windows is None:
-        held_out_windows = 8 if rule == "distill" else 32
+    lr = Rule.default_lr if lr is None else lr
 
     windows = token_windows(tokenizer, list(texts), seq_len, max_tokens=max_tokens)
-    held = max(1, min(held_out_windows, windows.shape[0] // 10))
-    train, val = (windows, windows) if windows.shape[0] < 2 else (windows[:-held], windows[-held:])
+    train, val, holdout_source = split_holdout(windows, holdout, tokenizer, seq_len)
+    small = warn_if_small(val)
     device = next(model.parameters()).device
 
     synaptic = synaptic_parameters(model)
-    changes_weights = rule == "stdp" or train_weights
     initial_deltas = {name: n.delta.detach().clone() for name, n in neurons}
-    originals = {name: p.detach().clone() for name, p in synaptic.items()} if changes_weights else None
+    originals = {name: p.detach().clone() for name, p in synaptic.items()} if Rule.changes_weights(options) else None
     grad_flags = {p: p.requires_grad for p in model.parameters()}
 
     settings = {"rule": rule, "lr": lr, "seed": seed, "batch_size": batch_size, "seq_len": seq_len,
-                "train_weights": bool(train_weights), "weight_lr": weight_lr, "options": rule_options,
-                "data": hashlib.sha256(windows.numpy().tobytes()).hexdigest(), "held_out": int(val.shape[0]),
+                "options": dataclasses.asdict(options), "data": _digest(train), "holdout": _digest(val),
                 "model": _model_digest(neurons, synaptic)}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
@@ -104,47 +103,34 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     set_simulation(model, "fast")
     for param in model.parameters():
         param.requires_grad_(False)
+    saved, losses, skipped, reverted, fall, fall_noise = None, [], None, False, None, None
     try:
-        held_out = HeldOut(model, val, originals)
+        # the rules choose on one half of the holdout (early stopping, stdp's updates); the other half decides
+        select, deciding = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
         saved = _read_checkpoint(checkpoint, fingerprint) if resume else None
-        before = saved["before"] if saved else held_out.evaluate()
-        if rule == "distill":
-            trainer = DistillRule(model, lr=lr, train_weights=train_weights, weight_lr=weight_lr, steps=steps,
-                                  synaptic=synaptic, originals=originals if train_weights else None, **rule_options)
+        before = HoldoutFigures(**saved["before"]) if saved else deciding.evaluate()
+        gap, gap_noise = deciding.gap(before)
+        if gap <= gap_noise and not force:
+            skipped = (f"the conversion's gap on the holdout ({gap:+.4f} nats per token) is within its noise "
+                       f"(±{gap_noise:.4f}): fine-tuning could only make it worse, so the SNN is left as it is "
+                       f"(force=True / --force to fine-tune anyway)")
+            after = before
         else:
-            trainer = STDPRule(model, lr=lr, synaptic=synaptic, originals=originals, held_out=held_out, **rule_options)
-        start = 0
-        batches = Batches(train, batch_size, seed)
-        losses: list[float] = saved["losses"] if saved else []
-        with trainer:
-            if saved:
-                trainer.load_state_dict(saved["trainer"])
-                torch.set_rng_state(saved["rng"]["torch"])
-                start = saved["step"]
-            bar = tqdm(total=steps, initial=min(start, steps), desc=f"finetune ({rule})", unit="step", disable=not progress)
-            try:
-                for k in range(start, steps):
-                    losses.append(trainer.step(batches(k).to(device), k, last=k + 1 == steps))
-                    recent = losses[-20:]
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-                    bar.update(1)
-                    if checkpoint is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == steps):
-                        _write_checkpoint(checkpoint, {
-                            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "settings": settings,
-                            "step": k + 1, "trainer": trainer.state_dict(), "before": before, "losses": losses,
-                            "rng": {"torch": torch.get_rng_state()}})
-            finally:
-                bar.close()
-            summary = trainer.summary()
-        after = held_out.evaluate()
-        reverted = after["kl"] > before["kl"]
-        if reverted:  # never hand back a model worse than it came
-            with torch.no_grad():
-                for name, neuron in neurons:
-                    neuron.delta.copy_(initial_deltas[name])
-                for name, value in (originals or {}).items():
-                    synaptic[name].copy_(value)
-            after = held_out.evaluate()
+            losses = saved["losses"] if saved else []
+            trainer = Rule(model, options, lr=lr, steps=steps, synaptic=synaptic, originals=originals, holdout=select)
+            header = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "settings": settings, "before": vars(before)}
+            summary = _train(trainer, Batches(train, batch_size, seed), device, steps, saved, losses, checkpoint,
+                             checkpoint_every, progress, header)
+            after = deciding.evaluate()
+            fall, fall_noise = improvement(after, before)
+            reverted = not fall > fall_noise
+            if reverted:  # not a gain that rises above the noise: hand the model back as it came
+                with torch.no_grad():
+                    for name, neuron in neurons:
+                        neuron.delta.copy_(initial_deltas[name])
+                    for name, value in (originals or {}).items():
+                        synaptic[name].copy_(value)
+                after = deciding.evaluate()
     finally:
         for param, flag in grad_flags.items():
             param.requires_grad_(flag)
@@ -153,17 +139,19 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
 
     figures = {
         "rule": rule, "steps": steps, "resumed_from_step": saved["step"] if saved else None, "lr": lr,
-        "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "train_weights": bool(train_weights),
-        "options": dict(rule_options),
-        "train_windows": int(train.shape[0]), "held_out_windows": int(val.shape[0]),
-        "held_out_tokens": int(val[:, 1:].numel()),
-        "ppl_ann": held_out.ppl_ann, "ppl_snn_before": before["ppl_snn"], "ppl_snn_after": after["ppl_snn"],
-        "kl_before": before["kl"], "kl_after": after["kl"],
+        "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "options": dataclasses.asdict(options),
+        "train_weights": bool(getattr(options, "train_weights", False)),
+        "train_windows": int(train.shape[0]), "holdout": holdout_source, "held_out_windows": int(val.shape[0]),
+        "held_out_tokens": deciding.tokens, "selection_tokens": select.tokens, "ppl_ann": deciding.ppl_ann,
+        "ppl_snn_before": before.ppl_snn, "ppl_snn_after": after.ppl_snn, "kl_before": before.kl, "kl_after": after.kl,
+        "gap_nats": gap, "gap_noise_nats": gap_noise, "fall_nats": fall, "fall_noise_nats": fall_noise,
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
-        "reverted": reverted, "wall_s": time.monotonic() - started,
+        "skipped": skipped, "reverted": reverted, "warnings": [w for w in (small,) if w],
+        "wall_s": time.monotonic() - started,
     }
     figures.update(_changes(neurons, initial_deltas, synaptic, originals))
-    figures.update(summary)
+    if not skipped:
+        figures.update(summary)
     meta = getattr(model, "ann2snn", None)
     if isinstance(meta, dict):
         meta["finetune"] = {key: value for key, value in figures.items() if key != "wall_s"}
@@ -171,11 +159,34 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
 
 
 def check_rule_options(rule: str, options: dict) -> None:
-    """Refuse option names the rule does not take (before anything loads)."""
-    known = (DistillRule if rule == "distill" else STDPRule).options
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ConfigError(f"rule {rule!r} takes no option(s) {', '.join(unknown)}; its options: {', '.join(known)}")
+    """Refuse option names the rule does not take, and invalid values (before anything loads)."""
+    _check_options(rule, 1, None, 1, 2, 1, False, None)
+    LEARNING_RULES[rule].options_from(options)
+
+
+def _train(trainer: LearningRule, batches: Batches, device, steps: int, saved: dict | None, losses: list[float],
+           checkpoint: Path | None, checkpoint_every: int, progress: bool, header: dict) -> dict:
+    """`steps` batches through the rule (from a checkpoint's step when resuming); returns the rule's summary."""
+    start = 0
+    with trainer:
+        if saved:
+            trainer.load_state_dict(saved["trainer"])
+            torch.set_rng_state(saved["rng"]["torch"])
+            start = saved["step"]
+        bar = tqdm(total=steps, initial=min(start, steps), desc=f"finetune ({trainer.name})", unit="step",
+                   disable=not progress)
+        try:
+            for k in range(start, steps):
+                losses.append(trainer.step(batches(k).to(device), k, last=k + 1 == steps))
+                recent = losses[-20:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+                bar.update(1)
+                if checkpoint is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == steps):
+                    _write_checkpoint(checkpoint, {**header, "step": k + 1, "trainer": trainer.state_dict(),
+                                                   "losses": losses, "rng": {"torch": torch.get_rng_state()}})
+        finally:
+            bar.close()
+        return trainer.summary()
 
 
 def gap_reduction(figures: dict) -> float:
@@ -184,11 +195,10 @@ def gap_reduction(figures: dict) -> float:
     return 100.0 * (gap - (figures["ppl_snn_after"] - figures["ppl_ann"])) / gap if gap else 0.0
 
 
-def _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, held_out_windows, resume, checkpoint_dir):
+def _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resume, checkpoint_dir):
     if rule not in RULES:
         raise ConfigError(f"unknown fine-tuning rule {rule!r}; choose one of {', '.join(RULES)}")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
-                        ("held_out_windows", held_out_windows)):
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
@@ -197,6 +207,10 @@ def _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, held_
         raise ConfigError(f"lr must be a positive number, got {lr!r}")
     if resume and checkpoint_dir is None:
         raise ConfigError("resume needs the checkpoint_dir of the run to continue")
+
+
+def _digest(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()
 
 
 def _model_digest(neurons, synaptic) -> str:

@@ -33,65 +33,88 @@ Gradients are clipped to norm 1. Every rate follows ``schedule``: ``"cosine"``
 (default) falls from the rate to 0 over the run's ``steps`` (after ``warmup``
 linear steps), ``"constant"`` keeps it; a resumed run that asks for more steps
 continues on the longer run's curve.
+
+Early stopping: every ``eval_every`` steps (default 25) and at the last one, the
+KL on the holdout (text the training never sees, `holdout.py`) is measured, and
+the run ends in the state where it was lowest (``eval_every=0``: the last state).
+The options are `DistillOptions`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..modules.neuron import set_simulation
 from .common import kl_per_token, swapped_weights
+from .rule import LearningRule, check_choice, check_number
 from .ste import differentiable_neurons
 
 
 SCHEDULES = ("cosine", "constant")
 
 
-class DistillRule:
-    name = "distill"
-    default_lr = 3e-2
-    default_weight_lr = 1e-4
-    options = ("schedule", "softmax", "warmup", "hidden", "scale_lr")
+@dataclass
+class DistillOptions:
+    schedule: str = "cosine"  # how every rate falls over the run: "cosine" to 0, or "constant"
+    softmax: bool = False  # also tune each layer's SNNSoftmax clip
+    warmup: int = 0  # linear warm-up steps
+    hidden: float = 1.0  # λ, the weight of the per-layer residual-stream term (0: KL only)
+    scale_lr: float | None = None  # Adam rate of the per-neuron log-scales g (None: lr; 0: no scales)
+    train_weights: bool = False  # also tune the Synapsis weights and biases
+    weight_lr: float = 1e-4  # their Adam rate
+    eval_every: int = 25  # steps between holdout evaluations (early stopping; 0: keep the last state)
 
-    def __init__(self, model, *, lr: float, train_weights: bool, weight_lr: float | None,
-                 synaptic: dict, originals: dict | None, steps: int | None = None, grad_clip: float = 1.0,
-                 schedule: str = "cosine", softmax: bool = False, warmup: int = 0, hidden: float = 1.0,
-                 scale_lr: float | None = None):
-        self.model = model
-        self.lr = lr
-        self.train_weights = train_weights
-        self.weight_lr = self.default_weight_lr if weight_lr is None else weight_lr
-        self.synaptic = synaptic
-        self.originals = originals
-        self.steps = steps
-        self.grad_clip = grad_clip
-        self.schedule = schedule
-        self.softmax = softmax
-        self.warmup = warmup
-        self.hidden = hidden
-        self.scale_lr = lr if scale_lr is None else scale_lr
-        self._context = None
+    def __post_init__(self):
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_number("hidden", self.hidden)
+        check_number("scale_lr", self.scale_lr, allow_none=True)
+        check_number("weight_lr", self.weight_lr)
+        for name in ("warmup", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer of at least 0, got {value!r}")
+        if not isinstance(self.softmax, bool) or not isinstance(self.train_weights, bool):
+            raise ConfigError("softmax and train_weights must be true or false")
+
+
+class Distill(LearningRule):
+    name = "distill"
+    Options = DistillOptions
+    default_lr = 3e-2
+    grad_clip = 1.0
+
+    @staticmethod
+    def changes_weights(options: DistillOptions) -> bool:
+        return options.train_weights
+
+    def __init__(self, model, options: DistillOptions, **common):
+        super().__init__(model, options, **common)
+        self.scale_lr = self.lr if options.scale_lr is None else options.scale_lr
+        self.best: tuple[float, dict] | None = None  # (holdout KL, trained state) of the best evaluation so far
 
     def rate(self, k: int) -> float:
         """The factor on the rates at step k (0-based)."""
-        factor = min(1.0, (k + 1) / self.warmup) if self.warmup else 1.0
-        if self.schedule == "cosine" and self.steps:
+        warmup = self.options.warmup
+        factor = min(1.0, (k + 1) / warmup) if warmup else 1.0
+        if self.options.schedule == "cosine" and self.steps:
             factor *= 0.5 * (1 + math.cos(math.pi * min(k, self.steps) / self.steps))
         return factor
 
     def __enter__(self):
-        self._context = differentiable_neurons(self.model, train_steps=True, softmax=self.softmax,
+        self._context = differentiable_neurons(self.model, train_steps=True, softmax=self.options.softmax,
                                                scales=bool(self.scale_lr))
         self.neurons = self._context.__enter__()
         groups = [{"params": self.neurons.parameters(), "lr": self.lr}]
         if self.scale_lr:
             groups.append({"params": self.neurons.scale_parameters(), "lr": self.scale_lr})
-        if self.train_weights:
+        if self.options.train_weights:
             for param in self.synaptic.values():
                 param.requires_grad_(True)
-            groups.append({"params": list(self.synaptic.values()), "lr": self.weight_lr})
+            groups.append({"params": list(self.synaptic.values()), "lr": self.options.weight_lr})
         self.optimizer = torch.optim.Adam(groups)
         self.base_rates = [group["lr"] for group in groups]
         self.trained = [p for group in groups for p in group["params"]]
@@ -103,8 +126,9 @@ class DistillRule:
         return self._context.__exit__(*exc)
 
     def _forward(self, ids):
-        out = self.model(input_ids=ids, use_cache=False, output_hidden_states=bool(self.hidden))
-        return out.logits, (out.hidden_states[1:] if self.hidden else ())
+        hidden = bool(self.options.hidden)
+        out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        return out.logits, (out.hidden_states[1:] if hidden else ())
 
     def step(self, ids: torch.Tensor, k: int, last: bool = False) -> float:
         with torch.no_grad(), swapped_weights(self.synaptic, self.originals):
@@ -114,36 +138,54 @@ class DistillRule:
         student, student_hidden = self._forward(ids)
         kl = kl_per_token(teacher, student).mean()
         loss = kl
-        if self.hidden:
+        if self.options.hidden:
             terms = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-30)
                      for s, t in zip(student_hidden, teacher_hidden)]
-            loss = loss + self.hidden * torch.stack(terms).mean()
+            loss = loss + self.options.hidden * torch.stack(terms).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trained, self.grad_clip)
         for group, base in zip(self.optimizer.param_groups, self.base_rates):
             group["lr"] = base * self.rate(k)
         self.optimizer.step()
+        every = self.options.eval_every
+        if every and ((k + 1) % every == 0 or last):
+            self._early_stopping(last)
         return kl.item()
 
-    # checkpoint state: the log-thresholds, the trained weights and Adam's moments
-    def state_dict(self) -> dict:
+    def _early_stopping(self, last: bool) -> None:
+        """Remember the state with the lowest holdout KL; at the end of the run, go back to it."""
+        kl = self.holdout.evaluate().kl
+        if self.best is None or kl < self.best[0]:
+            self.best = (kl, self._trained_state())
+        if last:
+            self._load_trained_state(self.best[1])
+
+    def _trained_state(self) -> dict:
         state = {"log_deltas": {name: p.detach().cpu().clone() for name, p in self.neurons.log_deltas.items()},
-                 "log_scales": {name: p.detach().cpu().clone() for name, p in self.neurons.log_scales.items()},
-                 "optimizer": self.optimizer.state_dict()}
-        if self.train_weights:
+                 "log_scales": {name: p.detach().cpu().clone() for name, p in self.neurons.log_scales.items()}}
+        if self.options.train_weights:
             state["weights"] = {name: p.detach().cpu().clone() for name, p in self.synaptic.items()}
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load_trained_state(self, state: dict) -> None:
         with torch.no_grad():
             for name, value in state["log_deltas"].items():
                 self.neurons.log_deltas[name].copy_(value)
-            for name, value in state.get("log_scales", {}).items():
+            for name, value in state["log_scales"].items():
                 self.neurons.log_scales[name].copy_(value)
             for name, value in state.get("weights", {}).items():
                 self.synaptic[name].copy_(value)
+
+    # checkpoint state: the log-thresholds, the trained weights, Adam's moments and the best state so far
+    def state_dict(self) -> dict:
+        return {**self._trained_state(), "optimizer": self.optimizer.state_dict(), "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_trained_state(state)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.best = state["best"]
 
     def summary(self) -> dict:
-        return {"weight_lr": self.weight_lr if self.train_weights else None}
+        return {"weight_lr": self.options.weight_lr if self.options.train_weights else None,
+                "best_holdout_kl": self.best[0] if self.best else None}

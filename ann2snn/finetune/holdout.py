@@ -1,0 +1,206 @@
+"""Held-out text: what decides whether a fine-tune (and each stdp update) is kept, and its noise.
+
+The holdout is text the training never sees: a file of the user's (``holdout=PATH``)
+or, by default, the last `HOLDOUT_SHARE` of the fine-tuning text's windows, cut off
+before any training window is drawn (``Batches`` draws only from the rest).
+`finetune` splits it: the rules choose on its even windows (distill's early
+stopping, each stdp update), its odd windows take the decisions below, so that
+a choice which only fitted the noise of the first half is not confirmed.
+
+Its figures are means over windows, and so is their noise. With d_w the mean of a
+per-token quantity over window w (windows of equal length, so the mean of the d_w
+is the mean over tokens) and N windows,
+
+    noise(d) = Z · std(d_w) / √N        (Z = 2: about 95 % of what chance alone gives lies within)
+
+taken over windows rather than tokens because neighbouring tokens are not
+independent. Two uses:
+
+- the conversion's own gap, d_w = NLL_SNN − NLL_ANN: when its mean is within its
+  noise, the SNN is as good as the ANN as far as this text can tell, and
+  fine-tuning can only make it worse; `finetune` then leaves it unchanged
+  (unless ``force``);
+- a change, d_w = NLL_after − NLL_before on the same windows (paired): it is kept
+  only when the mean falls by more than its noise.
+
+On qwen2-tiny (phase coding, T = 4, 8128 tokens of heldout.txt) the gap is 0.0436
+nats per token and its noise 0.0067 nats (≈ 0.7 % of the perplexity); with fewer
+tokens the noise grows as 1/√tokens. Below `MIN_HOLDOUT_TOKENS` tokens the noise
+is larger than a good fine-tune's gain at large T, so `finetune` warns.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibration.data import read_texts, token_windows
+from ..errors import ConfigError
+from ..modules.neuron import set_simulation
+from .common import logits, swapped_weights, synaptic_parameters
+
+HOLDOUT_SHARE = 0.1  # of the fine-tuning text's windows, by default ...
+MIN_HOLDOUT_TOKENS = 4096  # ... at least this many tokens while half the windows stay for training ...
+MAX_HOLDOUT_TOKENS = 16384  # ... and at most this many (it is measured at every decision; its noise falls as 1/√tokens)
+Z = 2.0
+TEACHER_CACHE_BYTES = 256 * 2**20  # keep the ANN's log-probabilities below this; recompute them above
+
+
+class HoldoutWarning(UserWarning):
+    """The holdout is too small for its decisions to rise above the noise."""
+
+
+def noise(values: torch.Tensor) -> float:
+    """Z standard errors of the mean of per-window values."""
+    if values.numel() < 2:
+        return math.inf
+    return Z * float(values.std()) / math.sqrt(values.numel())
+
+
+def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(training windows, holdout windows, where the holdout comes from).
+
+    `holdout`: None (the last `HOLDOUT_SHARE` of the windows, at most
+    `MAX_HOLDOUT_TOKENS` tokens, at least `MIN_HOLDOUT_TOKENS` while that leaves
+    half of them for training), a
+    share in (0, 1) of the windows, a path (.txt, .jsonl or folder: read with
+    `read_texts`) or a list of texts. The holdout windows never overlap the
+    training windows.
+    """
+    if holdout is None or isinstance(holdout, float):
+        share = HOLDOUT_SHARE if holdout is None else holdout
+        if not 0 < share < 1:
+            raise ConfigError(f"a holdout share must be between 0 and 1, got {share!r}")
+        count = windows.shape[0]
+        held = math.ceil(share * count)
+        if holdout is None:
+            held = min(held, math.ceil(MAX_HOLDOUT_TOKENS / (seq_len - 1)))
+            held = max(held, min(math.ceil(MIN_HOLDOUT_TOKENS / (seq_len - 1)), count // 2))
+        if held < 2 or held >= count:
+            raise ConfigError(f"the fine-tuning text gives {count} window(s) of {seq_len} tokens, too few to hold "
+                              f"some out; pass more text or a holdout file")
+        return windows[:-held], windows[-held:], f"last {held} of {count} windows of the text"
+    if isinstance(holdout, (str, Path)):
+        texts, source = read_texts(holdout), str(holdout)
+    elif isinstance(holdout, (list, tuple)) and all(isinstance(t, str) for t in holdout):
+        texts, source = list(holdout), "texts"
+    else:
+        raise ConfigError(f"holdout must be a share between 0 and 1, a file or a list of texts, got {holdout!r}")
+    held = token_windows(tokenizer, texts, seq_len)
+    if held.shape[0] < 2:
+        raise ConfigError(f"the holdout {source} gives fewer than 2 windows of {seq_len} tokens; pass more text")
+    return windows, held, source
+
+
+def warn_if_small(windows: torch.Tensor) -> str | None:
+    """A warning (also returned, for the figures) when the holdout has fewer than `MIN_HOLDOUT_TOKENS` tokens."""
+    tokens = int(windows[:, 1:].numel())
+    if tokens >= MIN_HOLDOUT_TOKENS:
+        return None
+    message = (f"the holdout has {tokens} tokens, fewer than the {MIN_HOLDOUT_TOKENS} needed for its decisions to rise "
+               f"above the noise; pass more text or a larger holdout file")
+    warnings.warn(message, HoldoutWarning, stacklevel=3)
+    return message
+
+
+@dataclass
+class HoldoutFigures:
+    """One pass over the holdout: per-window mean KL(ANN ‖ SNN) and NLL of the SNN, and their means."""
+
+    kl_windows: torch.Tensor
+    nll_windows: torch.Tensor
+
+    @property
+    def kl(self) -> float:
+        return float(self.kl_windows.mean())
+
+    @property
+    def ppl_snn(self) -> float:
+        return math.exp(float(self.nll_windows.mean()))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"kl": self.kl, "ppl_snn": self.ppl_snn}
+
+
+class Holdout:
+    """The holdout windows: the teacher's (ANN's) figures once, then the SNN's against them on demand.
+
+    The teacher runs with the converted weights (`originals`, for rules that
+    change them). Its log-probabilities are kept while they fit in
+    `TEACHER_CACHE_BYTES`, else recomputed at every evaluation (large vocabularies).
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, originals: dict[str, torch.Tensor] | None,
+                 batch_size: int = 4):
+        self.model = model
+        self.windows = windows
+        self.batch_size = batch_size
+        self.params = synaptic_parameters(model)
+        self.originals = originals
+        self.device = next(model.parameters()).device
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.cached = windows.numel() * vocab * 4 <= TEACHER_CACHE_BYTES
+        self.teacher: list[torch.Tensor] = []
+        nll = []
+        for ids in self._batches():
+            teacher = self._teacher(ids)
+            if self.cached:
+                self.teacher.append(teacher.cpu())
+            nll.append(_nll_per_window(teacher, ids))
+        self.nll_ann_windows = torch.cat(nll)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.windows[:, 1:].numel())
+
+    @property
+    def ppl_ann(self) -> float:
+        return math.exp(float(self.nll_ann_windows.mean()))
+
+    def _batches(self):
+        for start in range(0, self.windows.shape[0], self.batch_size):
+            yield self.windows[start:start + self.batch_size].to(self.device)
+
+    @torch.no_grad()
+    def _teacher(self, ids: torch.Tensor) -> torch.Tensor:
+        with swapped_weights(self.params, self.originals):
+            set_simulation(self.model, "ann")
+            try:
+                return F.log_softmax(logits(self.model, ids).float(), -1)
+            finally:
+                set_simulation(self.model, "fast")
+
+    @torch.no_grad()
+    def evaluate(self) -> HoldoutFigures:
+        """The SNN ("fast" simulation) on the holdout, against the teacher."""
+        set_simulation(self.model, "fast")
+        kl, nll = [], []
+        for index, ids in enumerate(self._batches()):
+            teacher = self.teacher[index].to(self.device) if self.cached else self._teacher(ids)
+            student = F.log_softmax(logits(self.model, ids).float(), -1)
+            kl.append((teacher.exp() * (teacher - student)).sum(-1).mean(-1).cpu())
+            nll.append(_nll_per_window(student, ids))
+        return HoldoutFigures(torch.cat(kl), torch.cat(nll))
+
+    def gap(self, figures: HoldoutFigures) -> tuple[float, float]:
+        """(mean NLL_SNN − NLL_ANN per token, its noise), in nats."""
+        difference = figures.nll_windows - self.nll_ann_windows
+        return float(difference.mean()), noise(difference)
+
+
+def improvement(after: HoldoutFigures, before: HoldoutFigures, key: str = "nll") -> tuple[float, float]:
+    """(mean fall of the per-window `key` ("nll" or "kl") from `before` to `after`, its noise), paired by window."""
+    difference = getattr(before, f"{key}_windows") - getattr(after, f"{key}_windows")
+    return float(difference.mean()), noise(difference)
+
+
+def _nll_per_window(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each window [B]."""
+    nll = -log_probs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return nll.mean(-1).cpu()
