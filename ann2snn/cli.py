@@ -76,6 +76,9 @@ def main():
               help="Threshold rule (recipe default by levels: mse below phase T=8, max from there).")
 @click.option("--headroom", type=float, default=None,
               help="Clip = headroom × the rule's clip, a margin for values calibration missed (recipe default by levels: 1, 2, 4).")
+@click.option("--range-steps", default=None,
+              help="High-order phase steps that extend a site's range past its clip: auto (recipe default: at "
+                   "heavy-tailed sites, from calibration) or a number for every site; 0 = none.")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
               help="Outlier handling: none (recipe default), any of rotate,smooth,sink, or auto (sink where the model has one).")
 @click.option("--recipe", default="qwen2", show_default=True, help="Conversion recipe: qwen2 or braintransformers (baseline).")
@@ -91,8 +94,8 @@ def main():
               help="Hold one decoder layer in memory at a time (checkpoints larger than memory); no --outliers.")
 @device_map_option
 @clean_errors
-def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, outliers, recipe,
-            dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
+def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, range_steps,
+            outliers, recipe, dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
             device_map):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
 
@@ -126,7 +129,8 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    options = dict(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers)
+    options = dict(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers,
+                   range_steps=range_steps)
     get_recipe(recipe).with_options(**options)
     device_map = check_device_map(_process_device(device_map))
     if calib_stats is None:
@@ -192,7 +196,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
     resume.unlink(missing_ok=True)
     if finetune:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    _report_conversion(model, out, snn.ann2snn["recipe"])
+    _report_conversion(model, out, snn.ann2snn)
     if finetune:
         click.echo(f"fine-tuned ({finetune_rule}, {finetune_steps} steps): held-out perplexity ANN {figures['ppl_ann']:.3f}  "
                    f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
@@ -200,10 +204,12 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
                    + ("; it made the held-out loss worse, so it was undone" if figures["reverted"] else ""))
 
 
-def _report_conversion(model, out, summary) -> None:
+def _report_conversion(model, out, meta) -> None:
+    summary, ranged = meta["recipe"], meta["range_steps"]
+    extra = f"{len(ranged)} sites with up to {max(ranged.values())} range steps (longer windows)" if ranged else "none"
     click.echo(f"converted {model} → {out} (recipe {summary['name']}, {summary['coding']} coding, T={summary['timesteps']}, "
                f"{summary['levels']} levels, thresholds: {summary['threshold']} ×{summary['headroom']:g}, "
-               f"outliers: {','.join(summary['outliers']) or 'none'})")
+               f"range steps: {extra}, outliers: {','.join(summary['outliers']) or 'none'})")
 
 
 def _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, calib_samples, seq_len, calib_stats, dtype,
@@ -220,7 +226,7 @@ def _convert_layer_by_layer(model, folder, out, options, recipe, calib_data, cal
     meta = convert_layer_by_layer(folder, out, tokenizer, recipe=recipe, calib_data=calib_data, calib_samples=calib_samples,
                                   seq_len=seq_len, calib_stats=calib_stats, seed=seed, dtype=parse_dtype(dtype), overwrite=overwrite,
                                   trust_remote_code=trust_remote_code, **options)
-    _report_conversion(model, out, meta["recipe"])
+    _report_conversion(model, out, meta)
 
 
 @main.command()

@@ -185,10 +185,11 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
     options = config["recipe"]
     recipe = get_recipe(options.get("name")).with_options(
         coding=options.get("coding"), timesteps=options.get("timesteps"), threshold=options.get("threshold"),
-        headroom=options.get("headroom"), outliers=tuple(options.get("outliers") or ()))
+        headroom=options.get("headroom"), outliers=tuple(options.get("outliers") or ()),
+        range_steps=options.get("range_steps", 0))
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or getattr(model_config, "dtype", None) or torch.float32)
-    apply_recipe(model, recipe, statistics=None)
+    apply_recipe(model, recipe, statistics=None, range_steps=config.get("range_steps", {}))
     state = _read_weights(folder, config)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
