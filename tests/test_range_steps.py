@@ -98,3 +98,6 @@ def test_step_simulation_equals_fast_with_range_steps_and_the_export_keeps_them(
     loaded = ann2snn.load(out)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
+        # with the key/value cache (a one-token query against cached keys), generation gives what a full pass gives
+        generated = loaded.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert loaded(generated[:, :-1]).logits[0, -1].argmax() == generated[0, -1]
