@@ -34,6 +34,9 @@ def main():
               help="Threshold rule (recipe default by levels: mse below phase T=8, max from there).")
 @click.option("--headroom", type=float, default=None,
               help="Clip = headroom × the rule's clip, a margin for values calibration missed (recipe default by levels: 1, 2, 4).")
+@click.option("--range-steps", default=None,
+              help="High-order phase steps that extend a site's range past its clip: auto (recipe default: at "
+                   "heavy-tailed sites, from calibration) or a number for every site; 0 = none.")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
               help="Outlier handling: none (recipe default), any of rotate,smooth,sink, or auto (sink where the model has one).")
 @click.option("--recipe", default="qwen2", show_default=True, help="Conversion recipe: qwen2 or braintransformers (baseline).")
@@ -49,8 +52,8 @@ def main():
               help="Hold one decoder layer in memory at a time (checkpoints larger than memory); no --outliers.")
 @device_map_option
 @clean_errors
-def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, outliers, recipe,
-            dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
+def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, range_steps,
+            outliers, recipe, dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
             device_map):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
 
@@ -72,13 +75,14 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
 
     summary = convert_and_export(
         model, out_dir, recipe=recipe, timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
-        outliers=outliers, calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len, calib_stats=calib_stats,
-        dtype=dtype, seed=seed, overwrite=overwrite, trust_remote_code=trust_remote_code, finetune=finetune,
-        finetune_data=finetune_data, finetune_steps=finetune_steps, finetune_rule=finetune_rule,
+        outliers=outliers, range_steps=range_steps, calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len,
+        calib_stats=calib_stats, dtype=dtype, seed=seed, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        finetune=finetune, finetune_data=finetune_data, finetune_steps=finetune_steps, finetune_rule=finetune_rule,
         layer_by_layer=layer_by_layer, device_map=device_map)
     if summary is None:  # a torchrun process other than the first: the first one writes and reports
         return
-    recipe = summary["recipe"]
+    recipe, sites = summary["recipe"], summary["range_steps"]
+    ranged = f"{len(sites)} sites with up to {max(sites.values())} range steps (longer windows)" if sites else "none"
     outliers = ",".join(recipe["outliers"]) or "none"
     if summary["outliers_asked"] == ["auto"]:  # say what auto decided, and why
         calibration = summary["calibration"]
@@ -86,7 +90,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
                                           if "sink" in calibration else "")
     click.echo(f"converted {model} → {summary['out']} (recipe {recipe['name']}, {recipe['coding']} coding, "
                f"T={recipe['timesteps']}, {recipe['levels']} levels, thresholds: {recipe['threshold']} "
-               f"×{recipe['headroom']:g}, outliers: {outliers})")
+               f"×{recipe['headroom']:g}, range steps: {ranged}, outliers: {outliers})")
     figures = summary["finetune"]
     if figures is not None:
         from .finetune import gap_reduction

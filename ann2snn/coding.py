@@ -16,6 +16,15 @@ Levels, not steps, set the error, so the two codings differ by far at equal T:
   23 steps carry weight (2^24 levels, float32's exact-integer range); in a
   longer window the later steps stay silent.
 
+**Range steps** (phase only): `with_range_steps(k)` puts k more steps in front of
+the window, weighted 2^(T+k−1) … 2^T. Δ stays (at most) what the T-step code gives
+the clip — `delta_for` is 2^k·clip/L —, so values inside the clip are resolved as
+before, and the neuron can also send values up to 2^k × the clip.
+For ordinary values those high-order steps stay silent: they cost latency (k
+steps at that site) and almost no spikes. A window capped at 23 weighted steps
+gets the rest of its range from a coarser Δ instead (as a headroom would).
+
+
 A spike at step t is worth ±w_t·Δ (the weighting is a shift for the phase
 code); the neuron fires it when its membrane reaches the *firing threshold*
 θ_t·Δ (`firing_thresholds`: ¾·w_t, or ½ where w_t = 1).
@@ -40,13 +49,26 @@ class SpikeCode:
     """A signed spike code over `timesteps` steps; see the module docstring."""
 
     name: str
-    timesteps: int
+    timesteps: int  # the window: every step the neuron fires in, range steps included
+    range_steps: int = 0  # doublings of the largest value above the clip (module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) or self.timesteps <= 0:
             raise ConfigError(f"timesteps must be a positive integer, got {self.timesteps!r}")
         if self.name not in CODINGS:
             raise ConfigError(f"unknown coding {self.name!r}; choose one of {', '.join(CODINGS)}")
+        if isinstance(self.range_steps, bool) or not isinstance(self.range_steps, int) or self.range_steps < 0:
+            raise ConfigError(f"range steps must be a non-negative integer, got {self.range_steps!r}")
+        if self.range_steps and self.name != "phase":
+            raise ConfigError("range steps need the phase code (a rate step adds one Δ of range, not a doubling)")
+
+    def with_range_steps(self, k: int) -> "SpikeCode":
+        """This code with k high-order steps in front: the same Δ for a clip, 2^k × the clip as largest value.
+        The window grows by k steps while it stays within 23 weighted steps (past that, Δ coarsens instead)."""
+        if k == 0:
+            return self
+        window = max(self.timesteps, min(self.timesteps + k, MAX_PHASE_STEPS))
+        return SpikeCode(self.name, window, self.range_steps + k)
 
     def step_weights(self) -> torch.Tensor:
         """w_t for t = 0..T-1, as float32 integers."""
@@ -89,8 +111,8 @@ class SpikeCode:
         return 2 * self.max_count + 1
 
     def delta_for(self, clip: torch.Tensor) -> torch.Tensor:
-        """Δ for a channel whose values are clipped to ±clip."""
-        return clip / self.max_count
+        """Δ for a channel whose values are clipped to ±clip (with range steps: sent up to ±2^range_steps·clip)."""
+        return clip * 2**self.range_steps / self.max_count
 
     def quantise_counts(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """k = clamp(floor(x/Δ + 1/2), −L, L): the integer the neuron's spikes sum to.

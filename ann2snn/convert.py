@@ -18,6 +18,7 @@ import torch
 from .attention_sink import attached, compute_sinks, resolve_outliers
 from .calibration.calibrate import collect_statistics, load_statistics
 from .calibration.data import calibration_windows
+from .calibration.thresholds import range_steps
 from .recipes import check_supported, get_recipe
 from .recipes.base import Recipe
 from .errors import CheckpointError
@@ -28,7 +29,7 @@ from .transforms import rotate, smooth
 
 def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps: int | None = None,
             coding: str | None = None, threshold: str | None = None, headroom: float | None = None,
-            outliers: tuple[str, ...] | None = None, calib_data: str | Path | None = None,
+            outliers: tuple[str, ...] | None = None, range_steps: str | int | None = None, calib_data: str | Path | None = None,
             calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
             statistics: dict | None = None, calibration_info: dict | None = None, seed: int = 0, progress: bool = True):
     """Convert a transformers causal LM (Qwen2 / Llama / Mistral) into an SNN, in place; returns it.
@@ -36,11 +37,13 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     Calibration runs the ANN over `calib_samples` windows of `seq_len` tokens of
     `calib_data` (default: the bundled English text) unless statistics are given
     (`statistics`, or a saved `calib_stats` file). `timesteps`, `coding`,
-    `threshold`, `headroom` and `outliers` (a tuple of "rotate", "smooth",
-    "sink", or ("auto",)) override the recipe's defaults.
+    `threshold`, `headroom`, `outliers` (a tuple of "rotate", "smooth",
+    "sink", or ("auto",)) and `range_steps` ("auto" or a number of high-order
+    phase steps per site, see `ann2snn.coding`) override the recipe's defaults.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers)
+    recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers,
+                                 range_steps=range_steps)
     check_supported(recipe, getattr(model.config, "model_type", None))
     torch.manual_seed(seed)
     calibration = dict(calibration_info or {"seed": seed})
@@ -67,9 +70,15 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
 
 
 def export_metadata(recipe: Recipe, calibration: dict, statistics: dict) -> dict:
-    """What a converted model carries into its export (snn_config.json, calibration.safetensors)."""
+    """What a converted model carries into its export (snn_config.json, calibration.safetensors).
+
+    `range_steps` lists the sites with high-order range steps (coding.py) and how many: each of those
+    sites fires in a window of that many more steps than the recipe's T (its latency, in the export's
+    config); `load` rebuilds their codes from it."""
+    steps = {site: range_steps(stats, recipe.range_steps, recipe.code) for site, stats in sorted(statistics.items())}
     return {"recipe": recipe.summary(), "float_operations": list(recipe.operations_in_float()),
-            "calibration": calibration, "versions": _versions(), "statistics": statistics}
+            "range_steps": {site: k for site, k in steps.items() if k}, "calibration": calibration,
+            "versions": _versions(), "statistics": statistics}
 
 
 def calibration_summary(calib_data, windows: torch.Tensor, seed: int, outliers: tuple[str, ...], **notes) -> dict:

@@ -217,7 +217,8 @@ def export_recipe(path: Path, recipe: dict):
     try:
         return get_recipe(recipe["name"]).with_options(
             coding=recipe["coding"], timesteps=recipe["timesteps"], threshold=recipe["threshold"],
-            headroom=recipe.get("headroom"), outliers=tuple(recipe["outliers"]), **flags)
+            headroom=recipe.get("headroom"), outliers=tuple(recipe["outliers"]), range_steps=recipe.get("range_steps", 0),
+            **flags)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}; the export is damaged") from None
 
@@ -260,9 +261,12 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
     config = read_snn_config(folder)
     verify(folder, config)
     recipe = export_recipe(folder / SNN_CONFIG, config["recipe"])
+    sites = config.get("range_steps", {})
+    if not isinstance(sites, dict) or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sites.values()):
+        raise CheckpointError(f"{folder / SNN_CONFIG}: range_steps must map sites to positive step counts; the export is damaged")
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or getattr(model_config, "dtype", None) or torch.float32)
-    apply_recipe(model, recipe, statistics=None)
+    apply_recipe(model, recipe, statistics=None, range_steps=sites)
     state = _read_weights(folder, config)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -145,8 +145,9 @@ def _layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[t
 def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, *, recipe: str | Recipe = "qwen2",
                            timesteps: int | None = None, coding: str | None = None, threshold: str | None = None,
                            headroom: float | None = None, outliers: tuple[str, ...] | None = None,
-                           calib_data: str | Path | None = None, calib_samples: int = 32, seq_len: int = 128,
-                           calib_stats: str | Path | None = None, seed: int = 0, dtype: torch.dtype | str | None = None,
+                           range_steps: str | int | None = None, calib_data: str | Path | None = None,
+                           calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
+                           seed: int = 0, dtype: torch.dtype | str | None = None,
                            overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
                            batch_size: int = 4) -> dict:
     """Convert the checkpoint `folder` to an export in `out`, one decoder layer in memory at a time.
@@ -163,7 +164,7 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
     check_weight_files(folder)
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
-                                 outliers=outliers)
+                                 outliers=outliers, range_steps=range_steps)
     check_output(out, overwrite)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)

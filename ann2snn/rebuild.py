@@ -76,7 +76,8 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
 
     Thresholds: an export whose rule and headroom are the recipe's level-table
     defaults at its own T is rebuilt with the table's defaults at `timesteps`
-    (as `convert --timesteps` would choose them); any other rule and headroom are kept.
+    (as `convert --timesteps` would choose them); any other rule and headroom are kept, and so is its
+    range-step option (an export from before range steps has none).
     """
     from .calibration.calibrate import load_statistics
     from .convert import convert
@@ -106,6 +107,6 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
         ann.ann2snn_transforms = list(outliers)
         extra["outliers"] = outliers
     snn = convert(ann, recipe=own, timesteps=timesteps, coding=options.get("coding"),
-                  threshold=threshold, headroom=headroom, statistics=statistics, calibration_info=info, seed=seed,
-                  progress=False, **extra)
+                  threshold=threshold, headroom=headroom, range_steps=options.get("range_steps", 0), statistics=statistics,
+                  calibration_info=info, seed=seed, progress=False, **extra)
     return place(snn, device_map)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .attention_sink import sink_token_ids
-from .calibration.thresholds import choose_clip
+from .calibration.thresholds import choose_clip, range_steps
 from .coding import SpikeCode
 from .modules.attention import ATTENTION_NAME, SpikingAttention
 from .modules.neuron import DynamicNeuron
@@ -37,12 +37,22 @@ class BuildContext:
     statistics: dict[str, dict[str, torch.Tensor]] | None
     sinks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # attention module name → sink (key, value)
     shared_neurons: dict = field(default_factory=dict)  # (parent name, rule) → the input neuron its readers share
+    range_steps: dict[str, int] | None = None  # site → range steps, as an export recorded them; None: from statistics
+
+    def code_for(self, site: str) -> SpikeCode:
+        """The site's code: the recipe's, with the site's range steps in front."""
+        if self.range_steps is not None:
+            return self.code.with_range_steps(self.range_steps.get(site, 0))
+        if self.statistics is None:
+            return self.code
+        return self.code.with_range_steps(range_steps(self.statistics[site], self.recipe.range_steps, self.code))
 
     def delta(self, site: str, rule: Rule) -> torch.Tensor | None:
         if self.statistics is None:
             return None
-        clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.chosen_threshold, self.code)
-        return self.code.delta_for(clip * self.recipe.chosen_headroom)
+        code = self.code_for(site)  # the clip search sees the range the steps add (what clipping still costs)
+        clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.chosen_threshold, code)
+        return code.delta_for(clip * self.recipe.chosen_headroom)
 
 
 class Replacement:
@@ -80,10 +90,10 @@ class SynapsisReplacement(Replacement):
     def build(self, name, module, rule, ctx):
         group = (name.rpartition(".")[0], rule) if rule.shared_input and ctx.recipe.share_inputs else None
         neuron = ctx.shared_neurons.get(group)
-        if neuron is not None:
+        if neuron is not None:  # readers of one tensor share its statistics, so its Δ and range steps too
             neuron.readers += 1
-            return Synapsis(module, ctx.code, neuron=neuron)
-        synapsis = Synapsis(module, ctx.code, ctx.delta(name, rule))
+            return Synapsis(module, neuron.code, neuron=neuron)
+        synapsis = Synapsis(module, ctx.code_for(name), ctx.delta(name, rule))
         if group is not None:
             ctx.shared_neurons[group] = synapsis.neuron
         return synapsis
@@ -97,7 +107,7 @@ class SNNSiLUReplacement(Replacement):
         return _observe_input(name, module, observers)
 
     def build(self, name, module, rule, ctx):
-        return SNNSiLU(ctx.code, ctx.config.intermediate_size, ctx.delta(name, rule))
+        return SNNSiLU(ctx.code_for(name), ctx.config.intermediate_size, ctx.delta(name, rule))
 
 
 class SpikingAttentionReplacement(Replacement):
@@ -118,6 +128,7 @@ class SpikingAttentionReplacement(Replacement):
             ctx.code, config.num_attention_heads, config.num_key_value_heads, head_dim,
             ctx.delta(f"{name}.q", rule), ctx.delta(f"{name}.k", rule), ctx.delta(f"{name}.v", rule),
             sink=(ctx.sinks or {}).get(name), sink_tokens=sink_tokens,
+            qkv_codes=tuple(ctx.code_for(f"{name}.{part}") for part in "qkv"),
         )
         return module
 
@@ -167,16 +178,18 @@ def _device_of(model: nn.Module, name: str) -> torch.device:
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sinks: dict | None = None,
-                 within: str = "") -> nn.Module:
+                 within: str = "", range_steps: dict[str, int] | None = None) -> nn.Module:
     """Swap in the recipe's SNN modules, in place; returns the model.
 
     `sinks` (from `attention_sink.compute_sinks`) fills the attention sink's
     constants; without them (loading an export) they are placeholders that the
     export's weights overwrite. `within` (a module name such as
     "model.layers.3", or "lm_head") limits the swap to that module and what it
-    holds (layer-by-layer conversion).
+    holds (layer-by-layer conversion). `range_steps` (site → steps, from an export's
+    snn_config.json) gives the sites' range steps when there are no statistics to
+    derive them from.
     """
-    ctx = BuildContext(recipe, recipe.code, model.config, statistics, sinks)
+    ctx = BuildContext(recipe, recipe.code, model.config, statistics, sinks, range_steps=range_steps)
     found = [m for m in matches(model, recipe) if not within or m[0] == within or m[0].startswith(within + ".")]
     if not found:
         raise RuntimeError(f"recipe {recipe.name!r} matched no module of {type(model).__name__}")

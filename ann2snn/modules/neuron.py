@@ -87,6 +87,15 @@ class SpikeTrain:
         """Σ_t s_t·w_t·Δ: what the train carries over its window."""
         return self.counts() * self.delta
 
+    def widened(self, steps: int) -> "SpikeTrain":
+        """The same train in a window of `steps` ≥ T steps, the added steps silent and in front: the
+        phase code's range steps come first, so two trains of unequal windows then end together."""
+        extra = steps - self.timesteps
+        if extra == 0:
+            return self
+        silent = self.spikes.new_zeros((extra,) + tuple(self.spikes.shape[1:]))
+        return SpikeTrain(torch.cat((silent, self.spikes)), torch.cat((self.weights.new_zeros(extra), self.weights)), self.delta)
+
     def map(self, fn) -> "SpikeTrain":
         """Apply a shape op (transpose, repeat) that acts on trailing dims to spikes and steps alike."""
         delta = self.delta.expand(self.spikes.shape[1:])

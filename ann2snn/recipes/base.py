@@ -51,6 +51,9 @@ class Recipe:
     # (on SmolLM2-135M, 10 % of down_proj channels by ≥ 1.36×, some by 7×); with many levels a
     # margin costs a bit or two of resolution and saves the clipping. Ordered by min_levels.
     level_defaults: tuple[LevelDefault, ...] = ()
+    # High-order phase steps per site (coding.py): "auto" (at heavy-tailed sites, from the calibration
+    # statistics: calibration.thresholds.range_steps) or the same number at every site; 0 = none.
+    range_steps: str | int = 0
     outliers: tuple[str, ...] = ()  # "rotate", "smooth", "sink", or "auto" (sink where massive first-token activations show)
     # One input neuron per group of Rule.shared_input modules: the same values, spikes fired once for all readers.
     # Off only to load exports written before it (format < 4), whose readers may hold fine-tuned Δ of their own.
@@ -82,6 +85,8 @@ class Recipe:
             raise ConfigError(f"unknown recipe option(s): {', '.join(sorted(unknown))}")
         if "outliers" in chosen:
             chosen["outliers"] = check_transforms(chosen["outliers"])
+        if "range_steps" in chosen:
+            chosen["range_steps"] = _check_range_steps(chosen["range_steps"])
         if "headroom" in chosen and not (isinstance(chosen["headroom"], (int, float)) and 1 <= chosen["headroom"] <= 1024):
             raise ConfigError(f"headroom must be a number from 1 to 1024, got {chosen['headroom']!r}")
         recipe = dataclasses.replace(self, **chosen)
@@ -111,8 +116,21 @@ class Recipe:
             "levels": self.code.levels,
             "threshold": self.chosen_threshold,
             "headroom": self.chosen_headroom,
+            "range_steps": self.range_steps,
             "outliers": list(self.outliers),
             "share_inputs": self.share_inputs,
             "spiking_head": self.spiking_head,
             "rules": [dataclasses.asdict(rule) for rule in self.active_rules],
         }
+
+
+def _check_range_steps(option) -> str | int:
+    """"auto", or a whole number of steps from 0 to MAX_RANGE_STEPS (a CLI string is converted)."""
+    from ..calibration.thresholds import MAX_RANGE_STEPS
+
+    if option == "auto":
+        return option
+    whole = isinstance(option, int) and not isinstance(option, bool) or isinstance(option, str) and option.isdigit()
+    if not whole or not 0 <= int(option) <= MAX_RANGE_STEPS:
+        raise ConfigError(f"range steps must be \"auto\" or a whole number from 0 to {MAX_RANGE_STEPS}, got {option!r}")
+    return int(option)
