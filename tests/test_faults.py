@@ -7,10 +7,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 

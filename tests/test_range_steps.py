@@ -10,7 +10,7 @@ from ann2snn.calibration.thresholds import MAX_RANGE_STEPS, range_steps
 from ann2snn.coding import SpikeCode
 from ann2snn.errors import ConfigError
 from ann2snn.modules.attention import snn_matmul
-from ann2snn.modules.neuron import SignedNeuron, SpikeTrain, set_simulation
+from ann2snn.modules.neuron import SignedNeuron, set_simulation
 
 
 def test_range_steps_multiply_the_largest_value_and_keep_the_resolution():

@@ -124,9 +124,6 @@ class HoldoutFigures:
     def ppl_snn(self) -> float:
         return math.exp(float(self.nll_windows.mean()))
 
-    def as_dict(self) -> dict[str, float]:
-        return {"kl": self.kl, "ppl_snn": self.ppl_snn}
-
 
 class Holdout:
     """The holdout windows: the teacher's (ANN's) figures once, then the SNN's against them on demand.

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..modules.attention import SNNMatmul
 from ..modules.neuron import SignedNeuron, set_simulation
-from ..modules.synapsis import Synapsis, SynapticWeights
+from ..modules.synapsis import Synapsis
 from .counting import SNN_FIELDS, CountCache, SpikeFieldCounter
 from .energy import EnergyModel, IntegerModel, MemoryModel, energy_estimate, integer_estimate, memory_traffic
 from .floats import FLOAT_COSTS, FloatTally, describe, layer_of
