@@ -394,6 +394,12 @@ def test_cli_finetune_writes_a_loadable_export(converted, tmp_path):
     original = dict(calibrated_neurons(ann2snn.load(source)))
     changed = any(not torch.equal(n.delta, original[name].delta) for name, n in calibrated_neurons(model))
     assert changed != figures["reverted"]  # the tuned thresholds were exported (unless the run undid itself)
+    assert figures["train_weights"] is True  # the default: weights and thresholds
+    only = CliRunner().invoke(main, ["finetune", str(source), "--data", str(data), "--out", str(tmp_path / "only"),
+                                     "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--thresholds-only",
+                                     "--json"], catch_exceptions=False)
+    figures = json.loads(only.output.strip().splitlines()[-1])
+    assert figures["train_weights"] is False and figures["mean_abs_dw"] == 0
 
     again = CliRunner().invoke(main, ["finetune", str(source), "--data", str(data), "--out", str(out)])
     assert again.exit_code == 2 and again.output.startswith("error: ") and len(again.output.strip().splitlines()) == 1
