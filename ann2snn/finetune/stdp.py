@@ -45,7 +45,7 @@ The desired output (``teacher``):
   ``"local"`` closed 9.2 / 8.3 / 8.6 % and moved the other author's by −0.0 /
   +0.6 / −8.1 %. (On that model and T a random weight perturbation of
   10⁻⁴·mean|W| alone moves the other author's gap by −6.9 … −2.0 %: each level
-  that flips shows.) The README has the figures with the current safeguard.
+  that flips shows.) docs/finetune.md has the figures.
 
 STDP window, per pair at Δt = t_post − t_pre (time in steps):
 
@@ -97,7 +97,7 @@ pull towards the converted weights W₀ (λ = ``anchor``, default 0): a decay
 towards zero would erase the pretrained network. The default η = 8 (≈ 4 after
 the gate's typical 1/2) was chosen on qwen2-tiny: with traces over 8+ batches,
 η·G between 2 and 4 lowers the held-out KL most, below 1 the change drowns in
-the rounding noise of the quantised network.
+the rounding noise of the quantised network; at phase T = 4, η = 32 diverges.
 
 Homeostatic thresholds. At the same update, each calibrated neuron's firing
 rate r_c (mean over tokens and steps of |s|, averaged over the batches) is
