@@ -148,8 +148,8 @@ def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
 
 # --- on the embedded model --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("train_weights, most", [(True, 0.75), (False, 0.75)])
-def test_distill_shrinks_the_held_out_gap(converted, train_weights, most):
+@pytest.mark.parametrize("train_weights", [True, False])
+def test_distill_shrinks_the_held_out_gap(converted, train_weights):
     """The default trains weights and thresholds; train_weights=False the thresholds only."""
     snn, tokenizer, held_out, before = converted
     model = _copy(snn)
@@ -160,7 +160,7 @@ def test_distill_shrinks_the_held_out_gap(converted, train_weights, most):
     gap_before = before["ppl_snn"] - before["ppl_ann"]
     gap_after = after - before["ppl_ann"]
     assert gap_before > 0.05 * before["ppl_ann"]  # the setting leaves a real gap
-    assert gap_after < most * gap_before, (before, after)  # measured: weights 0.XX, thresholds only 0.61
+    assert gap_after < 0.75 * gap_before, (before, after)  # thresholds only: measured 0.61 (the former defaults: 0.90)
     assert figures["kl_after"] < figures["kl_before"] and figures["thresholds_changed"] > 0
     weights_moved = any(not torch.equal(p, original[name]) for name, p in synaptic_parameters(model).items())
     assert figures["train_weights"] is train_weights and weights_moved is train_weights
