@@ -118,7 +118,7 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
 
 def finetune_export(export: str | Path, data: str | Path, out: str | Path, *, rule: str = "distill", steps: int = 200,
                     lr: float | None = None, seed: int = 0, batch_size: int = 4, seq_len: int = 128,
-                    train_weights: bool = False, checkpoint_every: int = 50, holdout=None, force: bool = False,
+                    train_weights: bool = True, checkpoint_every: int = 50, holdout=None, force: bool = False,
                     overwrite: bool = False, device_map: str | None = "cpu", progress: bool = True, **rule_options) -> dict:
     """Fine-tune the SNN in `export` on the text in `data` and export it to `out` (`ann2snn finetune`).
 

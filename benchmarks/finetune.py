@@ -1,22 +1,25 @@
 """Does fine-tuning close the gap between a converted SNN and its ANN on text it never saw, and never widen it?
 
-    python benchmarks/finetune.py [CHECKPOINT] [-T 4,6,8] [--seeds 0,1,2] [--rules distill,distill+weights,stdp]
-        [--steps 200] [--stdp-steps 96] [--train-chars 300000] [--max-eval-tokens 8192] [--seq-len 128]
-        [--train-seq-len N] [--batch-size 4] [--calib-samples 32] [--coding phase] [--options JSON] [--stdp-options JSON]
+    python benchmarks/finetune.py [CHECKPOINT] [-T 4,6,8] [--seeds 0,1,2] [--rules distill,distill-thresholds,stdp]
+        [--steps 200] [--stdp-steps 96] [--train TEXT] [--train-chars 300000] [--calib-data TEXT]
+        [--eval heldout.txt,unseen.txt] [--max-eval-tokens 8192] [--seq-len 128] [--train-seq-len N]
+        [--batch-size 4] [--calib-samples 32] [--coding phase] [--options JSON] [--stdp-options JSON]
         [--threads 1] [--json OUT.json]
 
 CHECKPOINT defaults to the embedded "qwen2-tiny"; any checkpoint that
 ``ann2snn.load_ann`` takes works (e.g. /work/models/SmolLM2-135M-Instruct).
 
 For each T the model is converted once (the library defaults: qwen2 recipe,
-MSE thresholds, --calib-samples windows of --seq-len tokens of the bundled
-training text); then each rule fine-tunes its own copy of that SNN with each
-seed (the batch order) on the first --train-chars characters of the bundled
-training text (Jane Austen), with `finetune`'s defaults (``distill+weights``:
-``train_weights=True``): the last tenth of
+MSE thresholds, --calib-samples windows of --seq-len tokens of --calib-data,
+default the bundled training text); then each rule fine-tunes its own copy of
+that SNN with each seed (the batch order) on the first --train-chars characters
+of --train (default the bundled training text, Jane Austen), with `finetune`'s
+defaults (``distill``: thresholds and weights; ``distill-thresholds``:
+``train_weights=False``): the last tenth of
 those windows is the holdout that decides whether to fine-tune at all and
 whether to keep the result. Figures are measured on text no stage ever saw, in
-non-overlapping windows of --seq-len tokens, at most --max-eval-tokens each:
+non-overlapping windows of --seq-len tokens, at most --max-eval-tokens each,
+of each --eval text (a bundled text's name, or a file or folder): by default
 ``heldout.txt`` (the end of *Persuasion*: the training text's kind) and
 ``unseen.txt`` (Melville and others: another kind).
 
@@ -49,8 +52,12 @@ from ann2snn.evaluate import logits_over  # noqa: E402
 from ann2snn.finetune import HoldoutWarning, finetune  # noqa: E402
 from ann2snn.finetune.holdout import noise  # noqa: E402
 
-TEXTS = ("heldout.txt", "unseen.txt")
-RULES = {"distill": ("distill", {}), "distill+weights": ("distill", {"train_weights": True}), "stdp": ("stdp", {})}
+RULES = {"distill": ("distill", {}), "distill-thresholds": ("distill", {"train_weights": False}), "stdp": ("stdp", {})}
+
+
+def text_path(name: str) -> Path:
+    """A bundled text by name (heldout.txt), else a file or folder."""
+    return bundled_text(name) if (bundled_text("train.txt").parent / name).is_file() else Path(name)
 
 
 def nll_per_window(model, windows, simulation) -> torch.Tensor:
@@ -66,10 +73,13 @@ def main() -> None:
     parser.add_argument("--coding", default="phase", choices=["phase", "rate"])
     parser.add_argument("-T", "--timesteps", default="4,6,8")
     parser.add_argument("--seeds", default="0,1,2", help="fine-tune seeds (batch order); the conversion is fixed")
-    parser.add_argument("--rules", default="distill,distill+weights,stdp", help=f"of {', '.join(RULES)}")
+    parser.add_argument("--rules", default="distill,distill-thresholds,stdp", help=f"of {', '.join(RULES)}")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--stdp-steps", type=int, default=96, help="stdp's steps (12 updates of 8 batches)")
-    parser.add_argument("--train-chars", type=int, default=300_000)
+    parser.add_argument("--train", default="train.txt", help="fine-tuning text: a bundled text's name, a file or a folder")
+    parser.add_argument("--train-chars", type=int, default=300_000, help="characters of --train used")
+    parser.add_argument("--calib-data", default=None, help="calibration text (default: the bundled training text)")
+    parser.add_argument("--eval", default="heldout.txt,unseen.txt", help="held-out texts, comma-separated")
     parser.add_argument("--max-eval-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--train-seq-len", type=int, default=None, help="tokens per fine-tuning window (default --seq-len)")
@@ -88,11 +98,12 @@ def main() -> None:
 
     started = time.monotonic()
     ann, tokenizer = ann2snn.load_ann(args.checkpoint)
-    train = [bundled_text("train.txt").read_text(encoding="utf-8")[: args.train_chars]]
-    texts = {name: token_windows(tokenizer, read_texts(bundled_text(name)), args.seq_len, max_tokens=args.max_eval_tokens)
-             for name in TEXTS}
-    print(f"# {args.checkpoint}: {args.coding} coding, {args.calib_samples} x {args.seq_len} calibration tokens; "
-          f"fine-tune on train.txt[:{args.train_chars}] in batches of {args.batch_size} x "
+    train = ["\n\n".join(read_texts(text_path(args.train)))[: args.train_chars]]
+    names = args.eval.split(",")
+    texts = {name: token_windows(tokenizer, read_texts(text_path(name)), args.seq_len, max_tokens=args.max_eval_tokens)
+             for name in names}
+    print(f"# {args.checkpoint}: {args.coding} coding, {args.calib_samples} x {args.seq_len} calibration tokens of "
+          f"{args.calib_data or 'train.txt'}; fine-tune on {args.train}[:{args.train_chars}] in batches of {args.batch_size} x "
           f"{args.train_seq_len or args.seq_len} tokens "
           f"(distill {args.steps} steps, stdp {args.stdp_steps}); seeds {args.seeds}; torch {torch.__version__}, "
           f"{args.threads} thread(s)\n", flush=True)
@@ -101,8 +112,8 @@ def main() -> None:
 
     results = []
     for T in [int(t) for t in args.timesteps.split(",")]:
-        snn = ann2snn.convert(ann, tokenizer, coding=args.coding, timesteps=T, calib_samples=args.calib_samples,
-                              seq_len=args.seq_len, progress=False)
+        snn = ann2snn.convert(ann, tokenizer, coding=args.coding, timesteps=T, calib_data=args.calib_data,
+                              calib_samples=args.calib_samples, seq_len=args.seq_len, progress=False)
         ann_nll = {name: nll_per_window(snn, w, "ann") for name, w in texts.items()}
         before = {name: nll_per_window(snn, w, "fast") for name, w in texts.items()}
         for label in args.rules.split(","):
@@ -118,7 +129,7 @@ def main() -> None:
                                    progress=False, **options)
                 after = {name: nll_per_window(model, w, "fast") for name, w in texts.items()}
                 runs.append((figures, after))
-            for name in TEXTS:
+            for name in names:
                 ppl_ann = math.exp(float(ann_nll[name].mean()))
                 ppl_before = math.exp(float(before[name].mean()))
                 gap = ppl_before - ppl_ann
@@ -127,7 +138,7 @@ def main() -> None:
                                 for _, after in runs)
                 closed = [100 * (ppl_before - math.exp(float(after[name].mean()))) / gap for _, after in runs]
                 kept = " / ".join(("skipped" if f["skipped"] else "undone" if f["reverted"] else "kept")
-                                  + (f" ({f.get('updates_kept', 0)} upd.)" if rule == "stdp" else "") for f, _ in runs)
+                                  + (f" ({f['updates_kept']} upd.)" if "updates_kept" in f else "") for f, _ in runs)
                 wall = sum(f["wall_s"] for f, _ in runs) / len(runs)
                 print(f"| {T} | {label} | {name} | {ppl_ann:.3f} | {ppl_before:.3f} | ±{noise_pct:.0f}% | "
                       f"{' / '.join(f'{c:+.1f}%' for c in closed)} | {sum(closed) / len(closed):+.1f}% | {kept} | "

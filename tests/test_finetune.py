@@ -148,17 +148,23 @@ def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
 
 # --- on the embedded model --------------------------------------------------------------------------
 
-def test_distill_shrinks_the_held_out_gap(converted):
+@pytest.mark.parametrize("train_weights", [True, False])
+def test_distill_shrinks_the_held_out_gap(converted, train_weights):
+    """The default trains weights and thresholds; train_weights=False the thresholds only."""
     snn, tokenizer, held_out, before = converted
     model = _copy(snn)
-    figures = finetune(model, tokenizer, TRAIN, rule="distill", steps=30, seq_len=SEQ, progress=False)  # the defaults
+    original = {name: p.clone() for name, p in synaptic_parameters(model).items()}
+    figures = finetune(model, tokenizer, TRAIN, rule="distill", steps=30, seq_len=SEQ, progress=False,
+                       **({} if train_weights else {"train_weights": False}))
     after = _snn_perplexity(model, held_out)
     gap_before = before["ppl_snn"] - before["ppl_ann"]
     gap_after = after - before["ppl_ann"]
     assert gap_before > 0.05 * before["ppl_ann"]  # the setting leaves a real gap
-    assert gap_after < 0.75 * gap_before, (before, after)  # measured 0.61 (the former defaults: 0.90)
+    assert gap_after < 0.75 * gap_before, (before, after)  # thresholds only: measured 0.61 (the former defaults: 0.90)
     assert figures["kl_after"] < figures["kl_before"] and figures["thresholds_changed"] > 0
-    assert figures["mean_abs_dw"] == 0  # thresholds only: the weights are the ANN's
+    weights_moved = any(not torch.equal(p, original[name]) for name, p in synaptic_parameters(model).items())
+    assert figures["train_weights"] is train_weights and weights_moved is train_weights
+    assert (figures["mean_abs_dw"] > 0) is train_weights
     # still an exact SNN: the step-by-step simulation gives what fast simulation gives
     fast = _snn_perplexity(model, held_out[:1])
     assert abs(_snn_perplexity(model, held_out[:1], "step") - fast) < 1e-3 * fast
@@ -178,6 +184,30 @@ def test_stdp_keeps_updates_that_help_on_the_holdout_and_never_grows_the_gap(con
         assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
     else:
         assert figures["fall_nats"] > figures["fall_noise_nats"] and figures["mean_abs_dw"] > 0
+
+
+def test_stdp_ends_in_the_state_that_did_best_on_the_selection_half(converted, monkeypatch):
+    """Every update is applied; the run ends where the holdout's selection half had its lowest KL (early stopping)."""
+    from ann2snn.finetune import core, holdout as holdout_module
+
+    snn, tokenizer, _, _ = converted
+    seen: dict[int, list] = {}  # every holdout measured, by object: [holdout, its KL at each evaluation]
+    real_evaluate = holdout_module.Holdout.evaluate
+
+    def recording(self):
+        figures = real_evaluate(self)
+        seen.setdefault(id(self), [self, []])[1].append(figures.kl)
+        return figures
+
+    monkeypatch.setattr(holdout_module.Holdout, "evaluate", recording)
+    monkeypatch.setattr(core, "improvement", lambda after, before: (1.0, 0.0))  # keep the run, whatever the deciding half says
+    model = _copy(snn)
+    figures = finetune(model, tokenizer, TRAIN, rule="stdp", steps=24, seq_len=SEQ, progress=False)  # 3 updates
+    select, kls = max(seen.values(), key=lambda entry: len(entry[1]))  # the selection half: measured after every update
+    assert len(kls) == 1 + 3  # the converted state, then each update
+    best = min(range(len(kls)), key=kls.__getitem__)
+    assert figures["updates_kept"] == best and figures["updates_undone"] == 3 - best
+    assert real_evaluate(select).kl == pytest.approx(kls[best], abs=1e-7)  # the model is in that state
 
 
 @pytest.mark.parametrize("teacher", ["local", "network"])
@@ -364,6 +394,12 @@ def test_cli_finetune_writes_a_loadable_export(converted, tmp_path):
     original = dict(calibrated_neurons(ann2snn.load(source)))
     changed = any(not torch.equal(n.delta, original[name].delta) for name, n in calibrated_neurons(model))
     assert changed != figures["reverted"]  # the tuned thresholds were exported (unless the run undid itself)
+    assert figures["train_weights"] is True  # the default: weights and thresholds
+    only = CliRunner().invoke(main, ["finetune", str(source), "--data", str(data), "--out", str(tmp_path / "only"),
+                                     "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--thresholds-only",
+                                     "--json"], catch_exceptions=False)
+    figures = json.loads(only.output.strip().splitlines()[-1])
+    assert figures["train_weights"] is False and figures["mean_abs_dw"] == 0
 
     again = CliRunner().invoke(main, ["finetune", str(source), "--data", str(data), "--out", str(out)])
     assert again.exit_code == 2 and again.output.startswith("error: ") and len(again.output.strip().splitlines()) == 1

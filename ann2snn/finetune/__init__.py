@@ -11,12 +11,12 @@
 Two learning rules (`rule.LearningRule`, options as dataclasses):
 - ``distill`` (`distill.py`, `DistillOptions`): gradient descent on KL(ANN ‖ SNN)
   through a straight-through estimator of the neurons' rounding, with learnable
-  thresholds (LSQ) and optionally weights (`ste.py` makes the neurons
+  thresholds (LSQ) and, by default, weights (`ste.py` makes the neurons
   differentiable without changing them), early-stopped on the holdout;
 - ``stdp`` (`stdp.py`, `StdpOptions`): reward-modulated, ANN-taught
   spike-timing-dependent plasticity on the Synapsis weights, per-synapse
   eligibility traces from the step simulation's spike trains, homeostatic
-  thresholds, each update kept only if it helps on the holdout.
+  thresholds, early-stopped on the holdout.
 
 `core.finetune` runs either; `holdout.py` decides, on text the training never
 saw, whether to fine-tune at all and whether to keep the result.

@@ -26,18 +26,18 @@ from .ste import calibrated_neurons
 LEARNING_RULES = {rule.name: rule for rule in (Distill, Stdp)}
 RULES = tuple(LEARNING_RULES)
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
-CHECKPOINT_FORMAT = 3  # 3: options as dataclasses, per-window holdout figures
+CHECKPOINT_FORMAT = 4  # 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped
 
 
 def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, lr: float | None = None,
              seed: int = 0, batch_size: int = 4, seq_len: int = 128, checkpoint_dir: str | Path | None = None,
-             resume: bool = False, train_weights: bool = False, progress: bool = True, *,
+             resume: bool = False, train_weights: bool = True, progress: bool = True, *,
              checkpoint_every: int = 50, holdout=None, force: bool = False, max_tokens: int | None = None,
              weight_lr: float | None = None, **rule_options) -> dict:
     """Fine-tune a converted SNN (`ann2snn.convert` / `ann2snn.load`) on `texts`, in place; returns its figures.
 
-    rule: ``"distill"`` (gradient: thresholds — and with ``train_weights`` the
-    Synapsis weights, at Adam rate ``weight_lr`` — towards the ANN's next-token
+    rule: ``"distill"`` (gradient: thresholds and — unless ``train_weights=False`` — the
+    Synapsis weights, at Adam rate ``weight_lr``, towards the ANN's next-token
     distribution, see `ann2snn.finetune.distill`) or ``"stdp"`` (reward-modulated
     STDP on the Synapsis weights with homeostatic thresholds, see
     `ann2snn.finetune.stdp`). `rule_options` are the fields of the rule's
