@@ -23,8 +23,8 @@
    one (PPL ratio ≤ 1.02 at T=8, ≤ 1.005 at T=16): met, or missed by how much.
    The exit status is 1 when a target is missed.
 
-On 2 shared CPU cores the defaults take about an hour (most of it the two
-calibrations and the fast passes of a 0.5 B model with a 151936-token head).
+On 2 shared CPU cores (load average 7–8) all six T, --timesteps 4,6,8,10,16,32,
+took 23 minutes with the model already cached.
 """
 
 from __future__ import annotations
