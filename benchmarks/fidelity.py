@@ -466,6 +466,7 @@ def main(argv=None) -> int:
                         note=f"batch {batch}"))
 
     for T in args.timesteps:
+        done = len(rows)
         if "phase" in args.methods:
             run_ann2snn(T, "phase", None)
         if "rate" in args.methods:
@@ -473,6 +474,8 @@ def main(argv=None) -> int:
             run_ann2snn(T, "rate", "max")
         if "spikingjelly" in args.methods:
             run_spikingjelly(T)
+        for row in rows[done:]:  # as they come: a run killed later (memory, time) keeps the rows it finished
+            log(args, fmt_row(row, ann_ppl))
 
     # The BrainTransformers baseline, at its own T only.
     if "braintransformers" in args.methods:

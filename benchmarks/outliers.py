@@ -49,6 +49,43 @@ SETTINGS = {  # name: (outliers, threshold, headroom, range steps); None = the r
 }
 
 
+def evaluation_sets(ann, tokenizer, data: list[str], seq_len: int, max_tokens: int) -> dict[str, tuple]:
+    """Per --data path, by its name: (the token windows, the ANN's logits over them, the ANN's perplexity)."""
+    evaluations = {}
+    for path in data:
+        windows = token_windows(tokenizer, read_texts(path), seq_len, samples=None, max_tokens=max_tokens)
+        reference = logits_over(ann, windows, "ann")
+        evaluations[Path(path).name] = (windows, reference, perplexity(reference, windows))
+    return evaluations
+
+
+def bound_rows(ann, tokenizer, evaluations: dict, timesteps: list[int], settings: list[str], calib_data, calib_samples: int,
+               seq_len: int):
+    """One dict per (T, setting, evaluation set): the setting's conversion at T, scored by its bound (``fast``).
+
+    Calibration runs once per outlier handling; every conversion reuses its statistics, which do not depend
+    on T, threshold rule, headroom or range steps."""
+    calibrated = {}
+    for t, name in sorted((t, name) for name in settings for t in timesteps):
+        outliers, threshold, headroom, range_steps = SETTINGS[name]
+        recipe = get_recipe("qwen2").with_options(outliers=outliers)
+        if recipe.outliers not in calibrated:
+            model = copy.deepcopy(ann)
+            calibrated[recipe.outliers] = (model, *calibrate(model, tokenizer, recipe, calib_data, calib_samples, seq_len, 0,
+                                                             progress=False))
+        model, statistics, info = calibrated[recipe.outliers]
+        snn = ann2snn.convert(copy.deepcopy(model), tokenizer, timesteps=t, outliers=outliers, threshold=threshold, headroom=headroom,
+                              range_steps=range_steps, statistics=statistics, calibration_info=info, progress=False)
+        for data, (windows, reference, ppl_ann) in evaluations.items():
+            start = time.time()
+            logits = logits_over(snn, windows, "fast")
+            top1 = (logits[:, :-1].argmax(-1) == reference[:, :-1].argmax(-1)).float().mean().item()
+            yield {"timesteps": t, "setting": name, "recipe": snn.ann2snn["recipe"], "range_steps": snn.ann2snn["range_steps"],
+                   "data": data, "ratio": perplexity(logits, windows) / ppl_ann, "top1": top1, "seconds": time.time() - start}
+            del logits
+        del snn
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
@@ -62,41 +99,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    timesteps = [int(t) for t in args.timesteps.split(",")]
     ann, tokenizer = ann2snn.load_ann(args.checkpoint, dtype=torch.float32)
-    evaluations = {}  # name: (windows, the ANN's logits, its perplexity)
-    for data in args.data.split(","):
-        windows = token_windows(tokenizer, read_texts(data), args.seq_len, samples=None, max_tokens=args.max_tokens)
-        reference = logits_over(ann, windows, "ann")
-        evaluations[Path(data).name] = (windows, reference, perplexity(reference, windows))
-        print(f"{args.checkpoint}: ANN perplexity {evaluations[Path(data).name][2]:.3f} on {windows[:, 1:].numel()} predicted "
-              f"tokens of {Path(data).name}")
+    evaluations = evaluation_sets(ann, tokenizer, args.data.split(","), args.seq_len, args.max_tokens)
+    for data, (windows, _, ppl_ann) in evaluations.items():
+        print(f"{args.checkpoint}: ANN perplexity {ppl_ann:.3f} on {windows[:, 1:].numel()} predicted tokens of {data}")
     print(f"calibration {args.calib_samples} × {args.seq_len} tokens of {args.calib_data or 'the bundled text'}\n")
     print("| T | setting | outliers | thresholds | range steps (sites, most) | evaluated on | PPL ratio (bound) | top-1 |")
     print("|---|---|---|---|---|---|---|---|")
-    calibrated = {}
-    rows = [(t, name) for name in args.settings.split(",") for t in timesteps]
-    for t, name in sorted(rows):
-        outliers, threshold, headroom, range_steps = SETTINGS[name]
-        recipe = get_recipe("qwen2").with_options(outliers=outliers)
-        if recipe.outliers not in calibrated:
-            model = copy.deepcopy(ann)
-            calibrated[recipe.outliers] = (model, *calibrate(model, tokenizer, recipe, args.calib_data, args.calib_samples,
-                                                             args.seq_len, 0, progress=False))
-        model, statistics, info = calibrated[recipe.outliers]
-        snn = ann2snn.convert(copy.deepcopy(model), tokenizer, timesteps=t, outliers=outliers, threshold=threshold, headroom=headroom,
-                              range_steps=range_steps, statistics=statistics, calibration_info=info, progress=False)
-        summary, ranged = snn.ann2snn["recipe"], snn.ann2snn["range_steps"]
-        for data, (windows, reference, ppl_ann) in evaluations.items():
-            start = time.time()
-            logits = logits_over(snn, windows, "fast")
-            top1 = (logits[:, :-1].argmax(-1) == reference[:, :-1].argmax(-1)).float().mean().item()
-            print(f"| {t} | {name} | {','.join(summary['outliers']) or 'none'} | {summary['threshold']} ×{summary['headroom']:g} | "
-                  f"{summary['range_steps']} ({len(ranged)} sites, +{max(ranged.values(), default=0)}) | {data} | "
-                  f"{perplexity(logits, windows) / ppl_ann:.4f} | {100 * top1:.1f} % |", flush=True)
-            print(f"<!-- {time.time() - start:.0f} s -->", file=sys.stderr)
-            del logits
-        del snn
+    for row in bound_rows(ann, tokenizer, evaluations, [int(t) for t in args.timesteps.split(",")], args.settings.split(","),
+                          args.calib_data, args.calib_samples, args.seq_len):
+        summary, ranged = row["recipe"], row["range_steps"]
+        print(f"| {row['timesteps']} | {row['setting']} | {','.join(summary['outliers']) or 'none'} | "
+              f"{summary['threshold']} ×{summary['headroom']:g} | "
+              f"{summary['range_steps']} ({len(ranged)} sites, +{max(ranged.values(), default=0)}) | {row['data']} | "
+              f"{row['ratio']:.4f} | {100 * row['top1']:.1f} % |", flush=True)
+        print(f"<!-- {row['seconds']:.0f} s -->", file=sys.stderr)
     return 0
 
 

