@@ -4,7 +4,7 @@ one of its energy changes undone, and spikingjelly's Qwen2 recipe: a table and a
     python benchmarks/energy.py MODEL [--timesteps 4,6,8,10,16] [--data FILE] [--max-tokens 512]
         [--variants default,spikingjelly,half-rule,separate-inputs,float-head] [--spikingjelly-model DIR]
         [--spikingjelly-max-tokens N] [--seq-len 128] [--batch-size 4] [--calib-samples 16]
-        [--png energy_pareto.png] [--markdown OUT.md] [--json OUT.json] [--from-json OUT.json]
+        [--png energy_pareto.png] [--markdown OUT.md] [--json OUT.json] [--from-json A.json,B.json]
 
 MODEL is a checkpoint / "qwen2-tiny" (calibrated once on the bundled text with
 --calib-samples windows, then converted at each T by `ann2snn.convert` with the
@@ -97,7 +97,8 @@ def parse_args():
     p.add_argument("--png", default="energy_pareto.png", help="where to write the Pareto plot")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     p.add_argument("--json", default=None, help="also write the rows to this file (after each row)")
-    p.add_argument("--from-json", default=None, help="no run: tables and plot from rows written by --json")
+    p.add_argument("--from-json", default=None,
+                   help="no run: tables and plot from the rows of comma-separated files written by --json")
     args = p.parse_args()
     args.timesteps = [int(t) for t in args.timesteps.split(",") if t.strip()]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -221,26 +222,52 @@ def breakdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+def versus_spikingjelly(rows: list[dict]) -> list[str]:
+    """For each spikingjelly row: the cheapest ann2snn default row at a PPL ratio no worse, in views (i) and (ii)."""
+    ours = [r for r in rows if r["variant"] == VARIANTS["default"]]
+    theirs = [r for r in rows if r["variant"].startswith("spikingjelly") and "every step" in r["variant"]]
+    lines = ["| spikingjelly T | its PPL ratio | its (i): every step / once | ann2snn default at ≤ that PPL ratio: T, (i) "
+             "| its (ii): every step / once | ann2snn: T, (ii) |", "|---|---|---|---|---|---|"]
+    for r in theirs:
+        once = next(o for o in rows if o["T"] == r["T"] and o["variant"].startswith("spikingjelly") and o is not r)
+        fair = [o for o in ours if o["ppl_ratio"] <= r["ppl_ratio"]]
+        best = {key: min(fair, key=lambda o: o[key]) if fair else None for key in ("i", "ii")}
+        cell = {key: f"T={b['T']}, {b[key]:.3f}" if b else "none" for key, b in best.items()}
+        lines.append(f"| {r['T']} | {r['ppl_ratio']:.4f} | {r['i']:.3f} / {once['i']:.3f} | {cell['i']} "
+                     f"| {r['ii']:.3f} / {once['ii']:.3f} | {cell['ii']} |")
+    return lines if theirs else []
+
+
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     for ax, (name, key) in zip(axes, COLUMNS[:2]):
         for variant in variants:
             points = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["T"])
-            xs, ys = [r["ppl_ratio"] for r in points], [r[key] for r in points]
-            ax.plot(xs, ys, marker="s" if variant.startswith("spikingjelly") else "o", label=variant,
-                    linestyle="--" if variant.startswith("spikingjelly") else "-")
-            for x, y, r in zip(xs, ys, points):
-                ax.annotate(f"T={r['T']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+            xs, ys = [r["ppl_ratio"] - 1 for r in points], [r[key] for r in points]
+            theirs = variant.startswith("spikingjelly")
+            ours = variant == VARIANTS["default"]
+            ax.plot(xs, ys, marker="s" if theirs else "o", label=variant, linestyle="--" if theirs else "-",
+                    linewidth=2.5 if ours else 1.5, zorder=3 if ours else 2)
+            if theirs or ours:
+                for x, y, r in zip(xs, ys, points):
+                    ax.annotate(f"T={r['T']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
         ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
-        ax.set_xscale("log")
+        # The ratios run from just under 1 to far above it: symlog on PPL ratio − 1 spreads both.
+        ax.set_xscale("symlog", linthresh=1e-3)
         ax.set_yscale("log")
-        ax.set_xlabel("PPL ratio SNN / ANN (left: more faithful)")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.xaxis.set_major_formatter(plain)
+        ax.set_xlabel("PPL ratio SNN / ANN − 1 (symlog; left: more faithful)")
         ax.set_ylabel(f"energy SNN / ANN, {name} (below 1: SNN cheaper)")
         ax.set_title(f"{title}: view {name}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
@@ -251,7 +278,8 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def report(rows: list[dict], header: str, args) -> None:
-    lines = [header, "", *table(rows), "", "Where the default's energy goes, view (i):", "", *breakdown(rows)]
+    lines = [header, "", *table(rows), "", "Against spikingjelly at equal or better PPL ratio:", "",
+             *versus_spikingjelly(rows), "", "Where the default's energy goes, view (i):", "", *breakdown(rows)]
     print("\n".join(lines))
     pareto_plot(rows, Path(args.png), Path(args.model).name)
     print(f"\nPareto plot → {args.png}")
@@ -261,9 +289,9 @@ def report(rows: list[dict], header: str, args) -> None:
 
 def main():
     args = parse_args()
-    if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-        report(saved["rows"], saved["header"], args)
+    if args.from_json:  # rows of one or more runs, in the order of the files
+        saved = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.from_json.split(",")]
+        report([r for run in saved for r in run["rows"]], "\n".join(run["header"] for run in saved), args)
         return
     from ann2snn.calibration.data import bundled_text, read_texts, token_windows
     from ann2snn.report import build_reports
