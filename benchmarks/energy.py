@@ -25,7 +25,7 @@ one that `ann2snn report` writes:
   or streamed from DRAM (once per pass; the SNN's spiking layers once per step);
   `runs[i].memory`.
 
-Variants (--variants, rows in this order):
+Variants (--variants; each T runs them in this order, the tables list them by variant):
 
 - default: what `ann2snn.convert` gives at that T;
 - half-rule: the default with each neuron firing at ½·w_t instead of ¾·w_t
@@ -278,6 +278,8 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def report(rows: list[dict], header: str, args) -> None:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    rows = sorted(rows, key=lambda r: (variants.index(r["variant"]), r["T"]))
     lines = [header, "", *table(rows), "", "Against spikingjelly at equal or better PPL ratio:", "",
              *versus_spikingjelly(rows), "", "Where the default's energy goes, view (i):", "", *breakdown(rows)]
     print("\n".join(lines))
@@ -321,20 +323,17 @@ def main():
         else:
             models = Ann2snnRuns(args.model, args.batch_size, args.calib_samples, args.seq_len)
             windows = token_windows(models.tokenizer, read_texts(data), args.seq_len, max_tokens=args.max_tokens)
-            default_runs = {}
-            for variant in args.variants:
-                for t in args.timesteps:
+            for t in args.timesteps:
+                default = None  # the default's run at t: its row, and the ANN spikingjelly is set against
+                for variant in args.variants:
+                    if variant in ("default", "spikingjelly") and default is None:
+                        default = models.run("default", t, windows)
                     if variant == "spikingjelly":
-                        if t not in default_runs:
-                            default_runs[t] = models.run("default", t, windows)
                         sj_windows = windows[:max(1, (args.spikingjelly_max_tokens or windows.numel()) // windows.shape[1])]
-                        keep(spikingjelly_rows(args.spikingjelly_model or args.model, sj_windows, default_runs[t], t,
+                        keep(spikingjelly_rows(args.spikingjelly_model or args.model, sj_windows, default, t,
                                                args.batch_size, args.calib_samples, args.seq_len))
                         continue
-                    run = default_runs.get(t) if variant == "default" else None
-                    run = run or models.run(variant, t, windows)
-                    if variant == "default":
-                        default_runs[t] = run
+                    run = default if variant == "default" else models.run(variant, t, windows)
                     keep([ann2snn_row(VARIANTS[variant], run)])
                     header = header or (f"{args.model}: {windows.shape[0]} windows × {windows.shape[1]} tokens of "
                                         f"{data}, {run['recipe']} recipe, {run['coding']} coding")
