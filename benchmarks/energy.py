@@ -323,17 +323,17 @@ def main():
         else:
             models = Ann2snnRuns(args.model, args.batch_size, args.calib_samples, args.seq_len)
             windows = token_windows(models.tokenizer, read_texts(data), args.seq_len, max_tokens=args.max_tokens)
+            reference = None  # a default run over these windows: the ANN's figures spikingjelly is set against
             for t in args.timesteps:
-                default = None  # the default's run at t: its row, and the ANN spikingjelly is set against
                 for variant in args.variants:
-                    if variant in ("default", "spikingjelly") and default is None:
-                        default = models.run("default", t, windows)
-                    if variant == "spikingjelly":
+                    if variant == "spikingjelly":  # the ANN's figures do not depend on T: the first default run's
+                        reference = reference or models.run("default", t, windows)
                         sj_windows = windows[:max(1, (args.spikingjelly_max_tokens or windows.numel()) // windows.shape[1])]
-                        keep(spikingjelly_rows(args.spikingjelly_model or args.model, sj_windows, default, t,
+                        keep(spikingjelly_rows(args.spikingjelly_model or args.model, sj_windows, reference, t,
                                                args.batch_size, args.calib_samples, args.seq_len))
                         continue
-                    run = default if variant == "default" else models.run(variant, t, windows)
+                    run = models.run(variant, t, windows)
+                    reference = reference if reference or variant != "default" else run
                     keep([ann2snn_row(VARIANTS[variant], run)])
                     header = header or (f"{args.model}: {windows.shape[0]} windows × {windows.shape[1]} tokens of "
                                         f"{data}, {run['recipe']} recipe, {run['coding']} coding")
