@@ -42,7 +42,8 @@ to what each operator receives):
 - down_proj: `synapsis_counts` of its input spikes (one AC per spike per
   output; rate code, so no shifts);
 - QKᵀ: `matmul_counts` of the q and k spike trains on the causal mask (key
-  heads counted once per group, as ann2snn's grouped-query products);
+  heads counted once per group, as ann2snn's grouped-query products); each v
+  spike adds into V's running sum (1 AC);
 - neurons: two IF neurons per encoded value, each updated at every step
   (2·T updates per value; ann2snn's signed neuron is one neuron, T updates);
   their spikes are the non-zero entries of the encoded trains;
@@ -64,10 +65,16 @@ the recipe does not run, reported as its lower bound.
 
 spikingjelly's own SynOp/AC counters recognise a spike as a value in {0, 1};
 this recipe's spikes are ±Δ per channel and reach down_proj as such, so they
-see float matmuls only (cross-checked in tests/test_energy_spikingjelly.py:
+see float matmuls only. Cross-checked in tests/test_energy_spikingjelly.py:
 given the same spikes as {0, 1} tensors, its SynOpCounter counts down_proj's
-ACs as `synapsis_counts` does, and its MACCounter counts q_proj's dense
-per-step MACs as here).
+ACs as `synapsis_counts` does; its MACCounter sees q_proj run F.linear at
+every step (T × the dense MACs, the bound of the count here); the spikes
+counted equal the encoders' own statistics.
+
+Memory (view iii) as ann2snn's `memory_traffic`: the weights each MAC / AC
+reads (on chip), or each Linear's weights fetched once per step it runs
+(streamed), plus the spikes at the encoded sites; the recipe's float
+activations moved at every step are left out (in its favour).
 """
 
 from __future__ import annotations
