@@ -161,6 +161,36 @@ def structure_note(model, recipe: str) -> str:
     return f"WARNING: {len(problems)} module(s) not converted, e.g. {problems[0]}" if problems else ""
 
 
+# ----------------------------------------------------------------------------- spikingjelly
+
+
+def spikingjelly_qwen2(ann, calib_windows: torch.Tensor, timesteps: int, batch_size: int):
+    """spikingjelly 2.0's Qwen2 recipe at T (method 3): `Qwen2SNNConfig(time_steps=T, calibration_levels=T)`,
+    calibrated on `calib_windows` in batches of `batch_size`; a `Qwen2SNNModel` in eval mode, its encoders'
+    statistics off. `ann` is left as it is."""
+    from spikingjelly.activation_based.ann2snn.recipes.qwen2 import Qwen2SNNConfig, Qwen2SNNModel, calibrate_qwen2_snn
+
+    source = copy.deepcopy(ann).eval()
+    cfg = Qwen2SNNConfig(time_steps=timesteps, calibration_levels=timesteps)
+    batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib_windows.split(batch_size)]
+    with torch.no_grad():
+        calib = calibrate_qwen2_snn(source, batches, cfg)
+        snn = Qwen2SNNModel(source, calib, cfg).eval()
+    snn.set_collect_statistics(False)  # documented not to change spikes or membranes; saves time
+    return snn
+
+
+def spikingjelly_forward(snn):
+    """ids [B, L] → logits; its TD modules and IF neurons keep state between calls, so each call resets them."""
+    from spikingjelly.activation_based import functional as sj_functional
+
+    def forward(ids):
+        sj_functional.reset_net(snn)
+        return snn(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+    return forward
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -432,9 +462,6 @@ def main(argv=None) -> int:
         if config.model_type != "qwen2":
             rows.append(Row(str(T), method, variant, "signed_if", None, note=f"n/a: recipe serves qwen2 only, not {config.model_type}"))
             return
-        from spikingjelly.activation_based import functional as sj_functional
-        from spikingjelly.activation_based.ann2snn.recipes.qwen2 import Qwen2SNNConfig, Qwen2SNNModel, calibrate_qwen2_snn
-
         batch = args.sj_batch_size or max(1, min(4, 32 // T))
         peak = spikingjelly_peak_bytes(config, T, batch, windows.shape[1])
         if peak > 0.5 * available_memory_bytes():
@@ -442,21 +469,10 @@ def main(argv=None) -> int:
                             note=f"skipped: time/memory (≈{peak / 2**30:.1f} GiB per forward)"))
             return
         t0 = time.perf_counter()
-        source = copy.deepcopy(ann).eval()
-        cfg = Qwen2SNNConfig(time_steps=T, calibration_levels=T)
-        batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib_windows.split(args.batch_size)]
-        with torch.no_grad():
-            calib = calibrate_qwen2_snn(source, batches, cfg)
-            snn = Qwen2SNNModel(source, calib, cfg).eval()
-        snn.set_collect_statistics(False)  # documented not to change spikes or membranes; saves time
+        snn = spikingjelly_qwen2(ann, calib_windows, T, args.batch_size)
         setup_s = time.perf_counter() - t0
-
-        def forward(ids):
-            sj_functional.reset_net(snn)
-            return snn(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-
         try:
-            score = scorer.score(forward, batch, label, budget_s=args.max_method_seconds)
+            score = scorer.score(spikingjelly_forward(snn), batch, label, budget_s=args.max_method_seconds)
         except (Skip, MemoryError) as exc:
             if progress:
                 print(file=sys.stderr)
