@@ -76,7 +76,7 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
     options = dict(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
                    outliers=None if outliers is None else tuple(outliers), range_steps=range_steps, levels=levels,
                    max_ppl_ratio=max_ppl_ratio, energy_budget=energy_budget)
-    chosen = get_recipe(recipe).with_options(**options)
+    chosen = get_recipe(recipe).with_options(**{"level_allocation" if k == "levels" else k: v for k, v in options.items()})
     device_map = check_device_map(_process_device(device_map))
     if calib_stats is None:
         read_texts(calib_data)  # a missing or unreadable file is found before the model is

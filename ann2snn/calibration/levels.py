@@ -92,6 +92,7 @@ def allocate(model, ctx, windows: torch.Tensor, progress: bool = False) -> tuple
     allocation = _allocation(sites, path, chosen, top)
     _recode(sites, allocation)
     summary.update(predicted_loss=path[chosen - 1][2] if chosen else 0.0,
+                   energy_saved_pj_per_token=path[chosen - 1][3] if chosen else 0.0,
                    mean_timesteps=sum(allocation.values()) / len(allocation))
     return allocation, summary
 
