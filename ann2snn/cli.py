@@ -41,7 +41,7 @@ def main():
               help="Time steps per site: auto (recipe default: each site the fewest of 2..T that keep the budget, "
                    "measured on the calibration windows) or uniform (every site T).")
 @click.option("--max-ppl-ratio", type=float, default=None,
-              help="With levels auto: the PPL ratio SNN/ANN on the calibration windows to keep (default 1.005).")
+              help="With levels auto: the PPL ratio SNN/ANN on the calibration windows to keep (default 1.0075).")
 @click.option("--energy-budget", type=float, default=None,
               help="With levels auto, instead of --max-ppl-ratio: the SNN/ANN energy (report view i) to reach.")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
