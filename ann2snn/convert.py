@@ -81,7 +81,7 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     if recipe.level_allocation == "auto":
         from .calibration.levels import allocate
 
-        site_timesteps, allocation = allocate(model, ctx, calibration[WINDOWS], progress=progress)
+        site_timesteps, allocation = allocate(model, ctx, calibration[WINDOWS])
     model.ann2snn = export_metadata(recipe, calibration, statistics, site_timesteps, allocation)
     return model.eval()
 

@@ -32,8 +32,9 @@ levels where they do nothing. `allocate` gives each site a T_s in
 4. **The budget**: `energy_budget` (SNN/ANN energy, view i, predicted from a
    report of the uniform model on one calibration window and the per-site
    savings) takes the shortest prefix that meets it; `max_ppl_ratio` the longest
-   prefix whose PPL ratio SNN/ANN, *measured* on the calibration windows (fast
-   simulation), stays within it, found by bisection along the path.
+   prefix whose PPL ratio SNN/ANN, and exp of the KL(ANN ‖ SNN) per token it adds
+   to the uniform model's, both *measured* on the calibration windows (fast
+   simulation), stay within it, found by bisection along the path.
 
 Everything runs from the model and the calibration windows kept with the
 statistics (`calibration.calibrate.WINDOWS`), so a rerun with the same
@@ -54,7 +55,7 @@ from ..modules.synapsis import Synapsis
 from ..report.counting import matmul_counts, neuron_counts, synapsis_counts
 from ..report.energy import EnergyModel
 
-MIN_TIMESTEPS = 2  # 7 levels (phase): below that even the quietest site's rounding shows in the output
+MIN_TIMESTEPS = 2  # the fewest steps a site is offered: 7 levels (phase code)
 WINDOWS = 8  # calibration windows for the gradients and the measured PPL ratio
 ENERGY_WINDOWS = 1  # of them, for the per-site energies (spikes per value settle within one window)
 BATCH = 4
@@ -72,7 +73,7 @@ class Site:
     energy: dict  # T → pJ per token, view (i)
 
 
-def allocate(model, ctx, windows: torch.Tensor, progress: bool = False) -> tuple[dict[str, int], dict]:
+def allocate(model, ctx, windows: torch.Tensor) -> tuple[dict[str, int], dict | None]:
     """Each site's T for the converted `model` (built by `ctx`, a `replace.BuildContext`, at the recipe's T), under
     the recipe's budget; the model's neurons are left at that allocation. Returns (site → T, a summary)."""
     recipe = ctx.recipe
@@ -88,7 +89,7 @@ def allocate(model, ctx, windows: torch.Tensor, progress: bool = False) -> tuple
     if recipe.energy_budget is not None:
         chosen = _within_energy(model, sites, path, windows, recipe.energy_budget, top, summary)
     else:
-        chosen = _within_ratio(model, sites, path, windows, recipe.ppl_budget, top, summary, progress)
+        chosen = _within_ratio(model, sites, path, windows, recipe.ppl_budget, top, summary)
     allocation = _allocation(sites, path, chosen, top)
     _recode(sites, allocation)
     summary.update(predicted_loss=path[chosen - 1][2] if chosen else 0.0,
@@ -256,7 +257,7 @@ def _recode(sites: list[Site], allocation: dict[str, int]) -> None:
         site.neuron.recode(code, delta)
 
 
-def _within_ratio(model, sites, path, windows, budget: float, top: int, summary: dict, progress: bool) -> int:
+def _within_ratio(model, sites, path, windows, budget: float, top: int, summary: dict) -> int:
     """The longest prefix of the path whose measured divergence stays within `budget` (bisection): both the PPL
     ratio and exp of the KL(ANN ‖ SNN) per token that the allocation adds to the uniform model's, on the calibration
     windows. The ratio alone can dip below 1 by chance on text the thresholds were fitted to; the KL cannot, and
