@@ -30,10 +30,10 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_folder, check_writable
+from .calibration.calibrate import WINDOWS
 from .calibration.thresholds import THRESHOLD_RULES
 from .errors import CheckpointError, ConfigError
 from .placement import place
-from .calibration.calibrate import WINDOWS
 from .replace import swap_modules
 from .transforms import OUTLIER_OPTIONS
 
