@@ -37,6 +37,13 @@ def main():
 @click.option("--range-steps", default=None,
               help="High-order phase steps that extend a site's range past its clip: auto (recipe default: at "
                    "heavy-tailed sites, from calibration) or a number for every site; 0 = none.")
+@click.option("--levels", type=click.Choice(["auto", "uniform"]), default=None,
+              help="Time steps per site: auto (recipe default: each site the fewest of 2..T that keep the budget, "
+                   "measured on the calibration windows) or uniform (every site T).")
+@click.option("--max-ppl-ratio", type=float, default=None,
+              help="With levels auto: the PPL ratio SNN/ANN on the calibration windows to keep (default 1.0075).")
+@click.option("--energy-budget", type=float, default=None,
+              help="With levels auto, instead of --max-ppl-ratio: the SNN/ANN energy (report view i) to reach.")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
               help="Outlier handling: none (recipe default), any of rotate,smooth,sink, or auto (sink where the model has one).")
 @click.option("--recipe", default="qwen2", show_default=True, help="Conversion recipe: qwen2 or braintransformers (baseline).")
@@ -53,7 +60,7 @@ def main():
 @device_map_option
 @clean_errors
 def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, range_steps,
-            outliers, recipe, dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
+            levels, max_ppl_ratio, energy_budget, outliers, recipe, dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
             device_map):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
 
@@ -75,7 +82,8 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
 
     summary = convert_and_export(
         model, out_dir, recipe=recipe, timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
-        outliers=outliers, range_steps=range_steps, calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len,
+        outliers=outliers, range_steps=range_steps, levels=levels, max_ppl_ratio=max_ppl_ratio,
+        energy_budget=energy_budget, calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len,
         calib_stats=calib_stats, dtype=dtype, seed=seed, overwrite=overwrite, trust_remote_code=trust_remote_code,
         finetune=finetune, finetune_data=finetune_data, finetune_steps=finetune_steps, finetune_rule=finetune_rule,
         layer_by_layer=layer_by_layer, device_map=device_map)
@@ -90,7 +98,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
                                           if "sink" in calibration else "")
     click.echo(f"converted {model} → {summary['out']} (recipe {recipe['name']}, {recipe['coding']} coding, "
                f"T={recipe['timesteps']}, {recipe['levels']} levels, thresholds: {recipe['threshold']} "
-               f"×{recipe['headroom']:g}, range steps: {ranged}, outliers: {outliers})")
+               f"×{recipe['headroom']:g}, range steps: {ranged}, levels: {_levels(summary)}, outliers: {outliers})")
     figures = summary["finetune"]
     if figures is not None:
         from .finetune import gap_reduction
@@ -101,6 +109,19 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
                    + ("; it did not lower the held-out perplexity beyond its noise, so it was undone"
                       if figures["reverted"] else ""))
         print_notes(figures)
+
+
+def _levels(summary: dict) -> str:
+    """The per-site levels in a few words: how many sites went below T, and what the allocation measured."""
+    found, recipe = summary["allocation"], summary["recipe"]
+    if not found:
+        return "uniform"
+    budget = (f"PPL ratio {found['measured_ppl_ratio']:.4f} on the calibration windows (≤ {found['max_ppl_ratio']:g})"
+              if "max_ppl_ratio" in found else
+              f"predicted energy {found['predicted_snn_over_ann']:.3f} (≤ {found['energy_budget']:g}), PPL ratio "
+              f"{found['measured_ppl_ratio']:.4f} on the calibration windows")
+    return (f"auto ({len(summary['site_timesteps'])} of {found['sites']} sites below T={recipe['timesteps']}, "
+            f"mean T {found['mean_timesteps']:.2f}; {budget})")
 
 
 @main.command()

@@ -11,25 +11,27 @@ The whole pipeline, with its checks, resume files, fine-tune and export, is `ann
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from .attention_sink import attached, compute_sinks, resolve_outliers
-from .calibration.calibrate import collect_statistics, load_statistics
+from .calibration.calibrate import WINDOWS, collect_statistics, load_statistics
 from .calibration.data import calibration_windows
 from .calibration.thresholds import range_steps
 from .recipes import check_supported, get_recipe
 from .recipes.base import Recipe
 from .errors import CheckpointError
 from .models import check_seq_len
-from .replace import REPLACEMENTS, apply_recipe, matches
+from .replace import REPLACEMENTS, matches, swap_modules
 from .transforms import rotate, smooth
 
 
 def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps: int | None = None,
             coding: str | None = None, threshold: str | None = None, headroom: float | None = None,
-            outliers: tuple[str, ...] | None = None, range_steps: str | int | None = None, calib_data: str | Path | None = None,
+            outliers: tuple[str, ...] | None = None, range_steps: str | int | None = None, levels: str | None = None,
+            max_ppl_ratio: float | None = None, energy_budget: float | None = None, calib_data: str | Path | None = None,
             calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
             statistics: dict | None = None, calibration_info: dict | None = None, seed: int = 0, progress: bool = True):
     """Convert a transformers causal LM (Qwen2 / Llama / Mistral) into an SNN, in place; returns it.
@@ -40,10 +42,16 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     `threshold`, `headroom`, `outliers` (a tuple of "rotate", "smooth",
     "sink", or ("auto",)) and `range_steps` ("auto" or a number of high-order
     phase steps per site, see `ann2snn.coding`) override the recipe's defaults.
+
+    `levels` "auto" (the qwen2 recipe's default) gives each site the fewest time steps, at most `timesteps`,
+    that keep the PPL ratio SNN/ANN measured on the calibration windows within `max_ppl_ratio` (default
+    `recipe.base.DEFAULT_MAX_PPL_RATIO`), or that keep the SNN/ANN energy (view i) within `energy_budget`;
+    "uniform" gives every site `timesteps` (`ann2snn.calibration.levels`).
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers,
-                                 range_steps=range_steps)
+                                 range_steps=range_steps, level_allocation=levels, max_ppl_ratio=max_ppl_ratio,
+                                 energy_budget=energy_budget)
     check_supported(recipe, getattr(model.config, "model_type", None))
     torch.manual_seed(seed)
     calibration = dict(calibration_info or {"seed": seed})
@@ -64,21 +72,33 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     _replay_transforms(model, recipe, statistics, calibration.get("seed", seed))
     check_sites(matches(model, recipe), statistics)
     sinks = compute_sinks(model) if "sink" in recipe.outliers else None  # from the final (transformed) weights
-    apply_recipe(model, recipe, statistics, sinks)
-    model.ann2snn = export_metadata(recipe, calibration, statistics)
+    if recipe.level_allocation == "auto" and WINDOWS not in calibration:
+        warnings.warn("these calibration statistics hold no token windows (saved before per-site levels), so every "
+                      f"site gets T={recipe.timesteps}; recalibrate (drop --calib-stats) for per-site levels")
+        recipe = recipe.with_uniform_levels()
+    ctx = swap_modules(model, recipe, statistics, sinks)
+    site_timesteps, allocation = {}, None
+    if recipe.level_allocation == "auto":
+        from .calibration.levels import allocate
+
+        site_timesteps, allocation = allocate(model, ctx, calibration[WINDOWS])
+    model.ann2snn = export_metadata(recipe, calibration, statistics, site_timesteps, allocation)
     return model.eval()
 
 
-def export_metadata(recipe: Recipe, calibration: dict, statistics: dict) -> dict:
+def export_metadata(recipe: Recipe, calibration: dict, statistics: dict, site_timesteps: dict[str, int] | None = None,
+                    allocation: dict | None = None) -> dict:
     """What a converted model carries into its export (snn_config.json, calibration.safetensors).
 
     `range_steps` lists the sites with high-order range steps (coding.py) and how many: each of those
-    sites fires in a window of that many more steps than the recipe's T (its latency, in the export's
-    config); `load` rebuilds their codes from it."""
+    sites fires in a window of that many more steps than its T (its latency, in the export's
+    config); `site_timesteps` the sites whose T is below the recipe's (per-site levels) and that T, and
+    `allocation` what the allocation measured; `load` rebuilds their codes from these."""
     steps = {site: range_steps(stats, recipe.range_steps, recipe.code) for site, stats in sorted(statistics.items())}
+    below = {site: t for site, t in sorted((site_timesteps or {}).items()) if t < recipe.timesteps}
     return {"recipe": recipe.summary(), "float_operations": list(recipe.operations_in_float()),
-            "range_steps": {site: k for site, k in steps.items() if k}, "calibration": calibration,
-            "versions": _versions(), "statistics": statistics}
+            "range_steps": {site: k for site, k in steps.items() if k}, "site_timesteps": below,
+            "allocation": allocation, "calibration": calibration, "versions": _versions(), "statistics": statistics}
 
 
 def calibration_summary(calib_data, windows: torch.Tensor, seed: int, outliers: tuple[str, ...], **notes) -> dict:
@@ -106,7 +126,8 @@ def calibrate(model, tokenizer, recipe: str | Recipe = "qwen2", calib_data: str 
         statistics = _collect(model, recipe, windows, seed, progress)
         for site, absmax in before.items():  # kept so that reused statistics can replay the same smoothing
             statistics[site]["absmax_before_smoothing"] = absmax
-    return statistics, calibration_summary(calib_data, windows, seed, recipe.outliers, **sink_note)
+    # the windows go with the statistics (calibrate.WINDOWS): per-site levels are measured on them
+    return statistics, {**calibration_summary(calib_data, windows, seed, recipe.outliers, **sink_note), WINDOWS: windows}
 
 
 def _collect(model, recipe: Recipe, windows: torch.Tensor, seed: int, progress: bool) -> dict:

@@ -30,16 +30,18 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_folder, check_writable
+from .calibration.calibrate import WINDOWS
 from .calibration.thresholds import THRESHOLD_RULES
 from .errors import CheckpointError, ConfigError
 from .placement import place
-from .replace import apply_recipe
+from .replace import swap_modules
 from .transforms import OUTLIER_OPTIONS
 
 # 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`); 3: snn_config.json holds its own SHA-256;
 # 4: Synapsis reading one tensor share one input neuron, stored under its first reader's name, and lm_head may spike
-# (recipe "share_inputs", "spiking_head"; before: one neuron per Synapsis, a float head)
-FORMAT_VERSION = 4
+# (recipe "share_inputs", "spiking_head"; before: one neuron per Synapsis, a float head); 5: a site may fire fewer
+# steps than the recipe's T ("site_timesteps", per-site levels; before: every site T)
+FORMAT_VERSION = 5
 SNN_CONFIG = "snn_config.json"
 CONFIG_HASH = "config_sha256"
 CALIBRATION_FILE = "calibration.safetensors"
@@ -157,6 +159,8 @@ def write_beside_weights(folder: Path, config, meta: dict, tokenizer=None) -> No
         tokenizer.save_pretrained(folder)
     files = {p.name: sha256(p) for p in sorted(folder.iterdir())}
     snn_config = {key: value for key, value in meta.items() if key not in ("statistics", CONFIG_HASH)}
+    # the calibration's token windows live in calibration.safetensors (save_statistics), not in the config
+    snn_config["calibration"] = {key: value for key, value in meta["calibration"].items() if key != WINDOWS}
     snn_config.update({"format_version": FORMAT_VERSION, "ann2snn_version": __version__, "files": files})
     snn_config[CONFIG_HASH] = config_digest(json.loads(json.dumps(snn_config)))  # digest of what is read back
     (folder / SNN_CONFIG).write_text(json.dumps(snn_config, indent=2, sort_keys=True) + "\n")
@@ -211,6 +215,7 @@ def export_recipe(path: Path, recipe: dict):
         raise CheckpointError(f"{path}: threshold {recipe['threshold']!r} is not one of {', '.join(THRESHOLD_RULES)}; "
                               "the export is damaged")
     flags = {key: recipe.get(key, False) for key in ("share_inputs", "spiking_head")}  # absent before format 4: off
+    levels = {key: recipe.get(key) for key in ("level_allocation", "max_ppl_ratio", "energy_budget")}  # before 5: uniform
     wrong = [key for key, value in flags.items() if not isinstance(value, bool)]
     if wrong:
         raise CheckpointError(f"{path}: {wrong[0]} {flags[wrong[0]]!r} is not true or false; the export is damaged")
@@ -218,7 +223,8 @@ def export_recipe(path: Path, recipe: dict):
         return get_recipe(recipe["name"]).with_options(
             coding=recipe["coding"], timesteps=recipe["timesteps"], threshold=recipe["threshold"],
             headroom=recipe.get("headroom"), outliers=tuple(recipe["outliers"]), range_steps=recipe.get("range_steps", 0),
-            **flags)
+            level_allocation=levels["level_allocation"] or "uniform", max_ppl_ratio=levels["max_ppl_ratio"],
+            energy_budget=levels["energy_budget"], **flags)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}; the export is damaged") from None
 
@@ -264,9 +270,18 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
     sites = config.get("range_steps", {})
     if not isinstance(sites, dict) or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sites.values()):
         raise CheckpointError(f"{folder / SNN_CONFIG}: range_steps must map sites to positive step counts; the export is damaged")
+    site_timesteps = config.get("site_timesteps", {})  # absent before format 5: every site at the recipe's T
+    if not isinstance(site_timesteps, dict) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= recipe.timesteps for t in site_timesteps.values()):
+        raise CheckpointError(f"{folder / SNN_CONFIG}: site_timesteps must map sites to time steps from 1 to the recipe's "
+                              f"{recipe.timesteps}; the export is damaged")
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or getattr(model_config, "dtype", None) or torch.float32)
-    apply_recipe(model, recipe, statistics=None, range_steps=sites)
+    built = swap_modules(model, recipe, statistics=None, range_steps=sites, site_timesteps=site_timesteps)
+    unknown = sorted(set(site_timesteps) - set(built.neurons))
+    if unknown:
+        raise CheckpointError(f"{folder / SNN_CONFIG}: site_timesteps names {unknown[0]}, which this model has no neuron "
+                              "for; the export is damaged")
     state = _read_weights(folder, config)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

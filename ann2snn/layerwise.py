@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
-from .calibration.calibrate import hand_over, load_statistics, observing, release_memory
+from .calibration.calibrate import WINDOWS, hand_over, load_statistics, observing, release_memory
 from .calibration.data import calibration_windows
 from .convert import calibration_summary, check_sites, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
@@ -145,7 +145,9 @@ def _layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[t
 def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, *, recipe: str | Recipe = "qwen2",
                            timesteps: int | None = None, coding: str | None = None, threshold: str | None = None,
                            headroom: float | None = None, outliers: tuple[str, ...] | None = None,
-                           range_steps: str | int | None = None, calib_data: str | Path | None = None,
+                           range_steps: str | int | None = None, levels: str | None = None,
+                           max_ppl_ratio: float | None = None, energy_budget: float | None = None,
+                           calib_data: str | Path | None = None,
                            calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
                            seed: int = 0, dtype: torch.dtype | str | None = None,
                            overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
@@ -164,7 +166,12 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
     check_weight_files(folder)
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
-                                 outliers=outliers, range_steps=range_steps)
+                                 outliers=outliers, range_steps=range_steps, level_allocation=levels, max_ppl_ratio=max_ppl_ratio,
+                                 energy_budget=energy_budget)
+    if max_ppl_ratio is not None or energy_budget is not None or levels == "auto":
+        raise ConfigError("--layer-by-layer gives every site the same T (per-site levels are measured on the whole "
+                          "model); drop --levels auto, --max-ppl-ratio and --energy-budget")
+    recipe = recipe.with_uniform_levels()
     check_output(out, overwrite)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
@@ -234,7 +241,8 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
         weight_map.update(write_shard(tmp, rest, shards, shards))
         write_shard_index(tmp, weight_map)
         if calib_stats is None:
-            calibration = calibration_summary(calib_data, windows, seed, recipe.outliers)
+            # the windows too, so that a convert --calib-stats from this export can allocate per-site levels
+            calibration = {**calibration_summary(calib_data, windows, seed, recipe.outliers), WINDOWS: windows}
         meta = export_metadata(recipe, calibration, statistics)
         write_beside_weights(tmp, model.config, meta, tokenizer)
     return meta

@@ -77,7 +77,9 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
     Thresholds: an export whose rule and headroom are the recipe's level-table
     defaults at its own T is rebuilt with the table's defaults at `timesteps`
     (as `convert --timesteps` would choose them); any other rule and headroom are kept, and so is its
-    range-step option (an export from before range steps has none).
+    range-step option (an export from before range steps has none). Per-site levels ("auto") are allocated
+    again at `timesteps`, under the export's own budget (its max-ppl-ratio or energy-budget), on its saved
+    calibration windows: the export's own allocation is for its own T.
     """
     from .calibration.calibrate import load_statistics
     from .convert import convert
@@ -106,7 +108,11 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
         # The export's weights already carry its outlier transforms: record them as applied so none is replayed.
         ann.ann2snn_transforms = list(outliers)
         extra["outliers"] = outliers
+    # per-site levels: allocated again at `timesteps` under the export's own budget, as convert would (an export
+    # from before them, or with uniform levels, stays uniform)
     snn = convert(ann, recipe=own, timesteps=timesteps, coding=options.get("coding"),
-                  threshold=threshold, headroom=headroom, range_steps=options.get("range_steps", 0), statistics=statistics,
+                  threshold=threshold, headroom=headroom, range_steps=options.get("range_steps", 0),
+                  levels=options.get("level_allocation") or "uniform", max_ppl_ratio=options.get("max_ppl_ratio"),
+                  energy_budget=options.get("energy_budget"), statistics=statistics,
                   calibration_info=info, seed=seed, progress=False, **extra)
     return place(snn, device_map)

@@ -20,7 +20,7 @@ from .attention_sink import sink_token_ids
 from .calibration.thresholds import choose_clip, range_steps
 from .coding import SpikeCode
 from .modules.attention import ATTENTION_NAME, SpikingAttention
-from .modules.neuron import DynamicNeuron
+from .modules.neuron import DynamicNeuron, SignedNeuron
 from .modules.silu import SNNSiLU
 from .modules.staircase_silu import StaircaseSiLU
 from .modules.synapsis import Synapsis
@@ -38,21 +38,32 @@ class BuildContext:
     sinks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # attention module name → sink (key, value)
     shared_neurons: dict = field(default_factory=dict)  # (parent name, rule) → the input neuron its readers share
     range_steps: dict[str, int] | None = None  # site → range steps, as an export recorded them; None: from statistics
+    timesteps: dict[str, int] | None = None  # site → its T (calibration/levels.py); a site not listed: the recipe's
+    # site → (its neuron, the rule that built it; None for SNNSoftmax, whose step is fixed), in build order
+    neurons: dict[str, tuple[SignedNeuron, Rule | None]] = field(default_factory=dict)
 
-    def code_for(self, site: str) -> SpikeCode:
-        """The site's code: the recipe's, with the site's range steps in front."""
+    def code_for(self, site: str, timesteps: int | None = None) -> SpikeCode:
+        """The site's code at its T (or at `timesteps`): the recipe's coding, with the site's range steps in front."""
+        base = self.base_code(site, timesteps)
         if self.range_steps is not None:
-            return self.code.with_range_steps(self.range_steps.get(site, 0))
-        if self.statistics is None:
-            return self.code
-        return self.code.with_range_steps(range_steps(self.statistics[site], self.recipe.range_steps, self.code))
+            return base.with_range_steps(self.range_steps.get(site, 0))
+        if self.statistics is None or site not in self.statistics:  # no statistics: SNNSoftmax, or an export
+            return base
+        return base.with_range_steps(range_steps(self.statistics[site], self.recipe.range_steps, base))
 
-    def delta(self, site: str, rule: Rule) -> torch.Tensor | None:
+    def base_code(self, site: str, timesteps: int | None = None) -> SpikeCode:
+        """The site's code without range steps: the recipe's coding over the site's T."""
+        t = timesteps or (self.timesteps or {}).get(site, self.code.timesteps)
+        return self.code if t == self.code.timesteps else SpikeCode(self.code.name, t)
+
+    def delta(self, site: str, rule: Rule, timesteps: int | None = None) -> torch.Tensor | None:
+        """The site's Δ at its T (or at `timesteps`), by the threshold rule and headroom of its levels."""
         if self.statistics is None:
             return None
-        code = self.code_for(site)  # the clip search sees the range the steps add (what clipping still costs)
-        clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.chosen_threshold, code)
-        return code.delta_for(clip * self.recipe.chosen_headroom)
+        base = self.base_code(site, timesteps)
+        code = self.code_for(site, timesteps)  # the clip search sees the range the steps add (what clipping still costs)
+        clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.threshold_for(base), code)
+        return code.delta_for(clip * self.recipe.headroom_for(base))
 
 
 class Replacement:
@@ -94,6 +105,7 @@ class SynapsisReplacement(Replacement):
             neuron.readers += 1
             return Synapsis(module, neuron.code, neuron=neuron)
         synapsis = Synapsis(module, ctx.code_for(name), ctx.delta(name, rule))
+        ctx.neurons[name] = (synapsis.neuron, rule)
         if group is not None:
             ctx.shared_neurons[group] = synapsis.neuron
         return synapsis
@@ -107,7 +119,9 @@ class SNNSiLUReplacement(Replacement):
         return _observe_input(name, module, observers)
 
     def build(self, name, module, rule, ctx):
-        return SNNSiLU(ctx.code_for(name), ctx.config.intermediate_size, ctx.delta(name, rule))
+        silu = SNNSiLU(ctx.code_for(name), ctx.config.intermediate_size, ctx.delta(name, rule))
+        ctx.neurons[name] = (silu.neuron, rule)
+        return silu
 
 
 class SpikingAttentionReplacement(Replacement):
@@ -125,11 +139,14 @@ class SpikingAttentionReplacement(Replacement):
         head_dim = module.head_dim
         sink_tokens = len(sink_token_ids(config)) if "sink" in ctx.recipe.outliers else 0
         module.snn = SpikingAttention(
-            ctx.code, config.num_attention_heads, config.num_key_value_heads, head_dim,
+            ctx.code_for(f"{name}.softmax"), config.num_attention_heads, config.num_key_value_heads, head_dim,
             ctx.delta(f"{name}.q", rule), ctx.delta(f"{name}.k", rule), ctx.delta(f"{name}.v", rule),
             sink=(ctx.sinks or {}).get(name), sink_tokens=sink_tokens,
             qkv_codes=tuple(ctx.code_for(f"{name}.{part}") for part in "qkv"),
         )
+        for part in "qkv":
+            ctx.neurons[f"{name}.{part}"] = (getattr(module.snn, f"{part}_neuron"), rule)
+        ctx.neurons[f"{name}.softmax"] = (module.snn.softmax.neuron, None)  # its Δ: clip 1 at any T (attention.py)
         return module
 
 
@@ -178,8 +195,9 @@ def _device_of(model: nn.Module, name: str) -> torch.device:
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sinks: dict | None = None,
-                 within: str = "", range_steps: dict[str, int] | None = None) -> nn.Module:
-    """Swap in the recipe's SNN modules, in place; returns the model.
+                 within: str = "", range_steps: dict[str, int] | None = None,
+                 site_timesteps: dict[str, int] | None = None) -> nn.Module:
+    """Swap in the recipe's SNN modules, in place; returns the model (`swap_modules` returns what it built).
 
     `sinks` (from `attention_sink.compute_sinks`) fills the attention sink's
     constants; without them (loading an export) they are placeholders that the
@@ -187,9 +205,18 @@ def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sink
     "model.layers.3", or "lm_head") limits the swap to that module and what it
     holds (layer-by-layer conversion). `range_steps` (site → steps, from an export's
     snn_config.json) gives the sites' range steps when there are no statistics to
-    derive them from.
+    derive them from; `site_timesteps` (site → T) the sites' own T, where it is below the recipe's.
     """
-    ctx = BuildContext(recipe, recipe.code, model.config, statistics, sinks, range_steps=range_steps)
+    swap_modules(model, recipe, statistics, sinks, within, range_steps, site_timesteps)
+    return model
+
+
+def swap_modules(model: nn.Module, recipe: Recipe, statistics: dict | None, sinks: dict | None = None,
+                 within: str = "", range_steps: dict[str, int] | None = None,
+                 site_timesteps: dict[str, int] | None = None) -> BuildContext:
+    """`apply_recipe`, returning its `BuildContext`: which neuron each site got (`neurons`)."""
+    ctx = BuildContext(recipe, recipe.code, model.config, statistics, sinks, range_steps=range_steps,
+                       timesteps=site_timesteps)
     found = [m for m in matches(model, recipe) if not within or m[0] == within or m[0].startswith(within + ".")]
     if not found:
         raise RuntimeError(f"recipe {recipe.name!r} matched no module of {type(model).__name__}")
@@ -203,7 +230,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, statistics: dict | None, sink
     if any(rule.replace_with == "spiking_attention" for _, _, rule in found):
         model.config._attn_implementation = ATTENTION_NAME
     _retarget_tied_weights(model, {name for name, _, rule in found if rule.replace_with == "synapsis"})
-    return model
+    return ctx
 
 
 def _retarget_tied_weights(model: nn.Module, synapses: set[str]) -> None:

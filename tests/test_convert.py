@@ -20,6 +20,7 @@ def _convert(folder, **options):
     model, tokenizer = ann2snn.load_ann(str(folder))
     options.setdefault("calib_samples", 4)
     options.setdefault("seq_len", 32)
+    options.setdefault("levels", "uniform")  # these tests count on every site at T; per-site levels: test_levels.py
     return ann2snn.convert(model, tokenizer, progress=False, **options), tokenizer
 
 

@@ -13,7 +13,7 @@ from ann2snn.layerwise import convert_layer_by_layer
 
 from conftest import SMALL, make_checkpoint, make_tokenizer
 
-OPTIONS = dict(calib_samples=4, seq_len=32)
+OPTIONS = dict(calib_samples=4, seq_len=32, levels="uniform")  # per-site levels need the whole model: both uniform
 
 
 def _bf16_sharded(folder, tie: bool, model_class=None, config_class=None):
@@ -80,7 +80,8 @@ def test_layer_by_layer_reuses_saved_statistics_as_convert_does(tmp_path, monkey
     ann2snn.save(ann2snn.convert(ann, tokenizer, progress=False, timesteps=4, **OPTIONS), first, tokenizer)
     stats = first / "calibration.safetensors"
     ann, _ = ann2snn.load_ann(str(folder))
-    ann2snn.save(ann2snn.convert(ann, tokenizer, progress=False, timesteps=9, calib_stats=stats), tmp_path / "whole", tokenizer)
+    ann2snn.save(ann2snn.convert(ann, tokenizer, progress=False, timesteps=9, calib_stats=stats,
+                                 levels="uniform"), tmp_path / "whole", tokenizer)
     calls = []
     real = layerwise._layer_inputs
     monkeypatch.setattr(layerwise, "_layer_inputs", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -133,7 +134,8 @@ def test_cli_layer_by_layer_converts_and_refuses_what_it_cannot_combine(qwen2_ch
     assert result.exit_code == 0, result.output
     assert "converted" in result.output and ann2snn.load(tmp_path / "snn").ann2snn["recipe"]["timesteps"] == 6
     for extra, message in ((["--finetune"], "does not combine with --finetune"),
-                           (["--outliers", "auto"], "without outlier handling")):
+                           (["--outliers", "auto"], "without outlier handling"),
+                           (["--max-ppl-ratio", "1.01"], "same T")):
         result = runner.invoke(main, base + ["--out", str(tmp_path / "refused")] + extra)
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "refused").exists()

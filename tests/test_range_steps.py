@@ -76,7 +76,8 @@ def test_bad_range_step_options_are_refused(option):
 
 def test_step_simulation_equals_fast_with_range_steps_and_the_export_keeps_them(qwen2_checkpoint, tmp_path):
     model, tokenizer = ann2snn.load_ann(str(qwen2_checkpoint))
-    snn = ann2snn.convert(model, tokenizer, timesteps=5, range_steps=2, calib_samples=4, seq_len=32, progress=False)
+    snn = ann2snn.convert(model, tokenizer, timesteps=5, range_steps=2, levels="uniform", calib_samples=4, seq_len=32,
+                          progress=False)
     neurons = {n: m for n, m in snn.named_modules() if isinstance(m, SignedNeuron)}
     assert {m.code.timesteps for n, m in neurons.items() if "softmax" not in n} == {7}
     assert {m.code.timesteps for n, m in neurons.items() if "softmax" in n} == {5}  # probabilities keep T: unequal windows in P·V

@@ -162,7 +162,8 @@ def test_report_counts_are_consistent_with_shapes_and_spikes(small_report):
     assert "lm_head" not in report["float_operations"]["mac"]
     for name, m in modules.items():
         if m["kind"] == "neuron":
-            assert m["neuron_updates"] == m["neuron_inputs"] * report["timesteps"] and 0 <= m["firing_rate"] <= 1
+            # each neuron over its own window: its site's T (per-site levels) and range steps
+            assert m["neuron_updates"] == m["neuron_inputs"] * m["timesteps"] and 0 <= m["firing_rate"] <= 1
     layer0 = report["layers"][0]
     in_layer0 = [m for m in modules.values() if m["layer"] == 0]
     assert layer0["ac"] == sum(m.get("ac", 0) for m in in_layer0)
@@ -199,7 +200,11 @@ def test_rebuild_at_own_timesteps_reproduces_the_export(exported):
     assert all(torch.equal(state[k], loaded[k]) for k in loaded)
     other = rebuild_at(exported, 6)
     assert other.ann2snn["recipe"]["timesteps"] == 6
-    assert other.model.layers[0].self_attn.q_proj.neuron.code.timesteps == 6
+    # per-site levels allocated again at T=6, under the export's own budget
+    recipe, allocation = other.ann2snn["recipe"], other.ann2snn["allocation"]
+    assert recipe["level_allocation"] == "auto" and allocation["measured_ppl_ratio"] <= recipe["max_ppl_ratio"]
+    site = "model.layers.0.self_attn.q_proj"
+    assert other.model.layers[0].self_attn.q_proj.neuron.code.timesteps == other.ann2snn["site_timesteps"].get(site, 6)
 
 
 def test_rebuild_at_another_t_follows_the_level_table_unless_the_export_chose(qwen2_checkpoint, tmp_path):

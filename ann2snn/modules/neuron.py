@@ -121,6 +121,13 @@ class SignedNeuron(nn.Module):
         self.readers = 1  # Synapsis reading this neuron's output (q/k/v share one: replace.py)
         self._sent = None  # (input, output, readers still to take it), only while readers > 1 and some have not read
 
+    def recode(self, code: SpikeCode, delta: torch.Tensor) -> None:
+        """Fire with `code` and step `delta` from now on (the level allocation tries a site at several T)."""
+        self.code = code
+        self.delta = delta.detach().to(self.delta).reshape(self.delta.shape)
+        self.weights = code.step_weights().to(self.weights.device)
+        self.firing_thresholds = code.firing_thresholds().to(self.firing_thresholds.device)
+
     def extra_repr(self) -> str:
         shared = f", readers={self.readers}" if self.readers > 1 else ""
         return f"code={self.code.name}, T={self.code.timesteps}, channels={tuple(self.delta.shape)}, simulation={self.simulation}{shared}"

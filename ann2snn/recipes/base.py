@@ -10,11 +10,21 @@ the replacement holds neurons, which statistic sets their thresholds.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..coding import SpikeCode
 from ..errors import ConfigError
 from ..transforms import check_transforms
+
+
+LEVEL_ALLOCATIONS = ("uniform", "auto")
+# The PPL ratio SNN/ANN (and added exp KL) on the calibration windows that level_allocation "auto" keeps to when not
+# told otherwise. Measured at T=8 on held-out text (benchmarks/levels.py; docs/method.md, "Per-site levels"): 1.005
+# left SmolLM2-135M above the issue's energy target (0.406 SNN/ANN, before the KL guard, which only stops earlier),
+# 1.0075 meets it on both models (embedded
+# model 0.347 @ PPL ratio 1.0052, SmolLM2-135M 0.370 @ 0.9958), 1.01 costs the embedded model 1.0126.
+DEFAULT_MAX_PPL_RATIO = 1.0075
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,12 @@ class Recipe:
     # High-order phase steps per site (coding.py): "auto" (at heavy-tailed sites, from the calibration
     # statistics: calibration.thresholds.range_steps) or the same number at every site; 0 = none.
     range_steps: str | int = 0
+    # Time steps per site (calibration/levels.py, `--levels`): "uniform" (every site gets `timesteps`) or "auto" (each site
+    # the fewest of 2..timesteps that the output allows, the lowest-energy allocation under one budget: a
+    # measured PPL ratio on the calibration windows, `max_ppl_ratio`, or an SNN/ANN energy, `energy_budget`).
+    level_allocation: str = "uniform"
+    max_ppl_ratio: float | None = None  # None with level_allocation "auto": DEFAULT_MAX_PPL_RATIO (unless energy_budget)
+    energy_budget: float | None = None
     outliers: tuple[str, ...] = ()  # "rotate", "smooth", "sink", or "auto" (sink where massive first-token activations show)
     # One input neuron per group of Rule.shared_input modules: the same values, spikes fired once for all readers.
     # Off only to load exports written before it (format < 4), whose readers may hold fine-tuned Δ of their own.
@@ -87,26 +103,58 @@ class Recipe:
             chosen["outliers"] = check_transforms(chosen["outliers"])
         if "range_steps" in chosen:
             chosen["range_steps"] = _check_range_steps(chosen["range_steps"])
+        if "level_allocation" in chosen and chosen["level_allocation"] not in LEVEL_ALLOCATIONS:
+            raise ConfigError(f"levels must be one of {', '.join(LEVEL_ALLOCATIONS)}, got {chosen['level_allocation']!r}")
+        for key in ("max_ppl_ratio", "energy_budget"):
+            value = chosen.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not (math.isfinite(value) and value > 0)):
+                raise ConfigError(f"{key.replace('_', '-')} must be a positive number, got {value!r}")
+        if "max_ppl_ratio" in chosen and chosen["max_ppl_ratio"] < 1:
+            raise ConfigError(f"max-ppl-ratio must be at least 1 (the SNN over the ANN), got {chosen['max_ppl_ratio']!r}")
         if "headroom" in chosen and not (isinstance(chosen["headroom"], (int, float)) and 1 <= chosen["headroom"] <= 1024):
             raise ConfigError(f"headroom must be a number from 1 to 1024, got {chosen['headroom']!r}")
         recipe = dataclasses.replace(self, **chosen)
+        if recipe.max_ppl_ratio is not None and recipe.energy_budget is not None:
+            raise ConfigError("give either max-ppl-ratio or energy-budget, not both")
+        if recipe.level_allocation == "uniform" and (recipe.max_ppl_ratio is not None or recipe.energy_budget is not None):
+            raise ConfigError("max-ppl-ratio and energy-budget choose per-site levels; they need levels auto, not uniform")
         recipe.code  # raises ConfigError on a bad coding / timesteps
         return recipe
 
-    def _level_default(self) -> LevelDefault:
+    def with_uniform_levels(self) -> "Recipe":
+        """This recipe with every site at its T (where no allocation can run: no calibration windows to measure on)."""
+        return dataclasses.replace(self, level_allocation="uniform", max_ppl_ratio=None, energy_budget=None)
+
+    def _level_default(self, code: SpikeCode | None = None) -> LevelDefault:
         chosen = LevelDefault(0, "mse", 1.0)
         for default in self.level_defaults:
-            if self.code.levels >= default.min_levels:
+            if (code or self.code).levels >= default.min_levels:
                 chosen = default
         return chosen
 
     @property
     def chosen_threshold(self) -> str:
-        return self.threshold or self._level_default().threshold
+        return self.threshold_for(self.code)
 
     @property
     def chosen_headroom(self) -> float:
-        return float(self.headroom if self.headroom is not None else self._level_default().headroom)
+        return self.headroom_for(self.code)
+
+    def threshold_for(self, code: SpikeCode) -> str:
+        """The threshold rule of a site fired with `code` (a site with fewer steps than the recipe's T gets
+        the level table's rule at its own levels, as a uniform conversion at its T would)."""
+        return self.threshold or self._level_default(code).threshold
+
+    def headroom_for(self, code: SpikeCode) -> float:
+        return float(self.headroom if self.headroom is not None else self._level_default(code).headroom)
+
+    @property
+    def ppl_budget(self) -> float | None:
+        """The PPL ratio an "auto" allocation keeps to (None: it keeps to `energy_budget`)."""
+        if self.energy_budget is not None:
+            return None
+        return self.max_ppl_ratio if self.max_ppl_ratio is not None else DEFAULT_MAX_PPL_RATIO
 
     def summary(self) -> dict:
         return {
@@ -117,6 +165,9 @@ class Recipe:
             "threshold": self.chosen_threshold,
             "headroom": self.chosen_headroom,
             "range_steps": self.range_steps,
+            "level_allocation": self.level_allocation,
+            "max_ppl_ratio": self.ppl_budget if self.level_allocation == "auto" else None,
+            "energy_budget": self.energy_budget if self.level_allocation == "auto" else None,
             "outliers": list(self.outliers),
             "share_inputs": self.share_inputs,
             "spiking_head": self.spiking_head,

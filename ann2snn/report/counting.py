@@ -18,7 +18,10 @@ hook per call of a spiking module, matched by type (subclasses included):
   its own running sum once (1 AC; a spike's value is a constant ±w_t·Δ, no shift).
   Both terms of step t weigh w_t, so each output accumulator touched in a
   weighted step pays one shift. Grouped-query heads count as the product runs
-  them: the group's query rows stacked against one key/value head.
+  them: the group's query rows stacked against one key/value head. Two trains
+  of unequal windows (per-site time steps, range steps) are counted in the
+  longer window, the shorter one's added steps silent in front, as the product
+  runs them.
 
 Attention is charged its causal half, in both models: `SpikingAttention`'s mask
 restricts which scores QKᵀ computes, which probabilities can be non-zero (the
@@ -101,6 +104,8 @@ def matmul_counts(a: SpikeTrain, b: SpikeTrain, wanted: torch.Tensor | None = No
     (causal scores); `a_support` (bool, broadcastable to a's [..., M, K]): where a
     can be non-zero (causal probabilities). None: all.
     """
+    steps = max(a.timesteps, b.timesteps)  # trains of unequal windows run in the longer one, as snn_matmul runs them
+    a, b = a.widened(steps), b.widened(steps)
     groups = head_groups(a.spikes.shape[1:], b.spikes.shape[1:])
     a_spikes, b_spikes = a.spikes.ne(0), b.spikes.ne(0)
     m, k, n = a_spikes.shape[-2], a_spikes.shape[-1], b_spikes.shape[-1]

@@ -217,9 +217,9 @@ def memory_traffic(totals: dict, memory: MemoryModel, compute: dict, tokens: int
         "ann": (totals["synapsis_mac"] + totals["float_mac"]) * memory.weight_bytes,
         "snn": (totals["synapsis_ac"] + totals["float_mac"]) * memory.weight_bytes,
     }
-    streamed = {  # streamed: every weight from DRAM once per pass; the SNN's spiking weights once per step
+    streamed = {  # streamed: every weight from DRAM once per pass; the SNN's spiking weights once per step of their input's window
         "ann": (totals["spiking_weights"] + totals["float_weights"]) * totals["passes"] * memory.weight_bytes,
-        "snn": (totals["spiking_weights"] * totals["timesteps"] + totals["float_weights"]) * totals["passes"]
+        "snn": (totals["spiking_weight_steps"] + totals["float_weights"]) * totals["passes"]
                * memory.weight_bytes,
     }
     dataflows = {}

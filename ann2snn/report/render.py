@@ -60,7 +60,9 @@ def _summary(report: dict) -> list[str]:
     rows = []
     for r in report["runs"]:
         e = r["energy"]
-        rows.append([str(r["timesteps"]), str(r["levels"]), _f(r["ppl_ann"], 3), _f(r["ppl_snn"], 3),
+        below = len(r.get("site_timesteps", {}))
+        levels = f"{r['levels']} ({below} sites fewer)" if below else str(r["levels"])
+        rows.append([str(r["timesteps"]), levels, _f(r["ppl_ann"], 3), _f(r["ppl_snn"], 3),
                      _f(r["ppl_snn"] / r["ppl_ann"] if r["ppl_ann"] else float("nan")), _f(r["top1_agreement"]),
                      _f(r["totals"]["firing_rate"]), _energy(e["ann_pj_per_token"]), _energy(e["snn_pj_per_token"]),
                      _f(e["snn_over_ann"], 3)])

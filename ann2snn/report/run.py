@@ -120,6 +120,9 @@ def build_report(model, windows: torch.Tensor, *, energy: EnergyModel | None = N
     return {
         "timesteps": recipe.get("timesteps"), "coding": recipe.get("coding"), "levels": recipe.get("levels"),
         "recipe": recipe.get("name"), "threshold": recipe.get("threshold"),
+        # per-site levels: the sites that fire fewer steps than T, and their T (counted as they fire)
+        "level_allocation": recipe.get("level_allocation", "uniform"),
+        "site_timesteps": dict(getattr(model, "ann2snn", {}).get("site_timesteps", {})),
         "finetuned": bool(getattr(model, "ann2snn", {}).get("finetune")),
         "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
         "tokens_processed": tokens, "tokens_scored": passes.scored,
@@ -167,6 +170,7 @@ def _module_rows(model, snn_at, mac_at, operand_bits: dict) -> dict[str, dict]:
                 "neuron_inputs": snn_at("neuron_inputs", name), "spikes": snn_at("spikes", name),
                 "positive_spikes": snn_at("positive_spikes", name), "weighted_spikes": snn_at("weighted_spikes", name),
                 "neuron_updates": updates, "firing_rate": snn_at("spikes", name) / updates if updates else 0.0,
+                "timesteps": module.code.timesteps,  # its own window: per-site levels and range steps differ
             }
             if snn_at("ac", name):  # the attention sink's constant products, driven by this neuron's spikes
                 rows[name].update(ac=snn_at("ac", name), shifts=snn_at("shifts", name))
@@ -177,7 +181,7 @@ def _module_rows(model, snn_at, mac_at, operand_bits: dict) -> dict[str, dict]:
                 "out_features": module.out_features, "input_neuron": names.get(module.neuron, f"{name}.neuron"),
                 "ac": snn_at("ac", synapse), "shifts": snn_at("shifts", synapse),
                 "bias_adds": snn_at("bias_adds", synapse), "ann_mac": mac_at(name),
-                "weights": module.weight.numel(), "operand_bits": list(operand_bits.get(module.synapse, (None, None))),
+                "weights": module.weight.numel(), "timesteps": module.neuron.code.timesteps, "operand_bits": list(operand_bits.get(module.synapse, (None, None))),
             }
         elif isinstance(module, SNNMatmul):
             rows[name] = {"kind": "snn_matmul", "layer": layer_of(name), "ac": snn_at("ac", name),
@@ -221,6 +225,7 @@ def _totals(model, modules: dict, snn_at, float_mac: dict, float_flops: dict, pa
         "float_mac": sum(float_mac.values()), "float_flops": sum(float_flops.values()) - float_flops["spike encoding"],
         "snn_encoding_flops": float_flops["spike encoding"],
         "spiking_weights": sum(m["weights"] for m in synapses), "float_weights": float_weights,
+        "spiking_weight_steps": sum(m["weights"] * m["timesteps"] for m in synapses),  # weights × their input's window
         "passes": passes, "timesteps": recipe.get("timesteps") or 1,
     }
     totals["firing_rate"] = totals["spikes"] / totals["neuron_updates"] if totals["neuron_updates"] else 0.0

@@ -1,0 +1,347 @@
+"""Per-site levels: how many time steps each spiking site gets, chosen from calibration.
+
+A site (a neuron layer: the input neurons of a Synapsis group, SNNSiLU's, the
+attention's q/k/v and softmax neurons) at T_s steps carries 2^(T_s+1)−1 levels
+(phase code). Sites differ by far in what their rounding does to the output and
+in what their spikes cost, so spending T (`--timesteps`) everywhere pays for
+levels where they do nothing. `allocate` gives each site a T_s in
+[MIN_TIMESTEPS, T] (range steps still go in front of it):
+
+1. **Effect on the output**, per site and candidate T_s, predicted from one
+   pass with gradients over the first calibration windows (the ANN: spiking
+   off): the loss increase of quantising that site alone,
+
+       ΔL_s(T_s) ≈ ½ Σ g² · (Q_{T_s}(x) − x)²  / tokens,
+
+   the diagonal Fisher (squared gradient of the summed next-token loss) times
+   the squared rounding error at the Δ that site would get at T_s (its
+   threshold rule and headroom at its own levels). The prediction orders the
+   sites; the measurement in step 4 decides how far to go.
+2. **Energy**, per site and T_s, under the report's view (i) constants
+   (`ann2snn.report.energy.EnergyModel`): the site's train fired by the
+   minimal-weight rule on the same activations (`SignedNeuron.fire`), counted
+   by the report's own counters — neuron updates, the ACs and shifts of the
+   Synapsis it drives, its share of SNNMatmul's ACs and shifts (the other
+   operand silent: its ACs separate exactly, its shifts are counted per
+   operand, an upper bound of the union the report counts).
+3. **The path**: from every site at T, repeatedly lower the site whose next
+   step down (to whichever lower T_s is best) saves the most energy per unit of
+   predicted loss; the allocations along the path only ever cost less energy
+   and predict more loss, so a budget picks a prefix, and a tighter budget a
+   shorter one (never less energy).
+4. **The budget**: `energy_budget` (SNN/ANN energy, view i, predicted from a
+   report of the uniform model on one calibration window and the per-site
+   savings) takes the shortest prefix that meets it; `max_ppl_ratio` the longest
+   prefix whose PPL ratio SNN/ANN, and exp of the KL(ANN ‖ SNN) per token it adds
+   to the uniform model's, both *measured* on the calibration windows (fast
+   simulation), stay within it, found by bisection along the path.
+
+Everything runs from the model and the calibration windows kept with the
+statistics (`calibration.calibrate.WINDOWS`), so a rerun with the same
+statistics gives the same allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..modules.attention import SpikingAttention
+from ..modules.neuron import SignedNeuron, SpikeTrain, set_simulation
+from ..modules.synapsis import Synapsis
+from ..report.counting import matmul_counts, neuron_counts, synapsis_counts
+from ..report.energy import EnergyModel
+
+MIN_TIMESTEPS = 2  # the fewest steps a site is offered: 7 levels (phase code)
+WINDOWS = 8  # calibration windows for the gradients and the measured PPL ratio
+ENERGY_WINDOWS = 1  # of them, for the per-site energies (spikes per value settle within one window)
+BATCH = 4
+
+
+@dataclass
+class Site:
+    """One spiking site: its neuron, what its Δ comes from, and what it costs and does at each candidate T."""
+
+    name: str
+    neuron: SignedNeuron
+    settings: dict  # T → (code, Δ)
+    consumers: list  # (kind, module or role): what its train drives
+    loss: dict  # T → predicted loss increase (nats per token)
+    energy: dict  # T → pJ per token, view (i)
+
+
+def allocate(model, ctx, windows: torch.Tensor) -> tuple[dict[str, int], dict | None]:
+    """Each site's T for the converted `model` (built by `ctx`, a `replace.BuildContext`, at the recipe's T), under
+    the recipe's budget; the model's neurons are left at that allocation. Returns (site → T, a summary)."""
+    recipe = ctx.recipe
+    top = recipe.timesteps
+    candidates = list(range(min(MIN_TIMESTEPS, top), top + 1))
+    windows = windows[:WINDOWS]
+    sites = _sites(model, ctx, candidates)
+    if not sites:
+        return {}, None
+    _predict(model, sites, windows, candidates, EnergyModel())
+    path = _path(sites, top)
+    summary = {"sites": len(sites), "windows": int(windows.shape[0]), "path_length": len(path)}
+    if recipe.energy_budget is not None:
+        chosen = _within_energy(model, sites, path, windows, recipe.energy_budget, top, summary)
+    else:
+        chosen = _within_ratio(model, sites, path, windows, recipe.ppl_budget, top, summary)
+    allocation = _allocation(sites, path, chosen, top)
+    _recode(sites, allocation)
+    summary.update(predicted_loss=path[chosen - 1][2] if chosen else 0.0,
+                   energy_saved_pj_per_token=path[chosen - 1][3] if chosen else 0.0,
+                   mean_timesteps=sum(allocation.values()) / len(allocation))
+    return allocation, summary
+
+
+def _sites(model, ctx, candidates: list[int]) -> list[Site]:
+    readers: dict[SignedNeuron, list] = {}
+    for module in model.modules():
+        if isinstance(module, Synapsis):
+            readers.setdefault(module.neuron, []).append(("synapsis", module.synapse))
+        elif isinstance(module, SpikingAttention):
+            for part, role in (("q", "qk.a"), ("k", "qk.b"), ("v", "pv.b")):
+                readers.setdefault(getattr(module, f"{part}_neuron"), []).append((role, module))
+            readers.setdefault(module.softmax.neuron, []).append(("pv.a", module))
+    sites = []
+    for name, (neuron, rule) in ctx.neurons.items():
+        settings = {}
+        for t in candidates:
+            code = ctx.code_for(name, t)
+            # SNNSoftmax (no rule): clip 1 at any T, its exponentials' largest value
+            delta = ctx.delta(name, rule, t) if rule is not None else code.delta_for(torch.tensor(1.0))
+            settings[t] = (code, delta)
+        sites.append(Site(name, neuron, settings, readers.get(neuron, []), {}, {}))
+    return sites
+
+
+def _predict(model, sites: list[Site], windows: torch.Tensor, candidates: list[int], energy: EnergyModel) -> None:
+    """Fill each site's `loss` and `energy` from one pass with gradients over `windows` (energies: the first
+    ENERGY_WINDOWS of them)."""
+    by_neuron = {site.neuron: site for site in sites}
+    masks: dict[SpikingAttention, torch.Tensor | None] = {}
+    counting = [True]
+    loss_sums = {site.name: dict.fromkeys(candidates, 0.0) for site in sites}
+    energy_sums = {site.name: dict.fromkeys(candidates, 0.0) for site in sites}
+
+    def watch(neuron, args):
+        x = args[0]
+        site = by_neuron[neuron]
+        if x.requires_grad:
+            x.register_hook(lambda grad: _add_loss_terms(site, x.detach(), grad.detach(), loss_sums[site.name]))
+        if counting[0]:
+            for t, (code, delta) in site.settings.items():
+                energy_sums[site.name][t] += _energy(site, x.detach(), code, delta, masks, energy)
+
+    def remember_mask(attention, args):
+        masks[attention] = args[3] if len(args) > 3 else None
+
+    handles = [site.neuron.register_forward_pre_hook(watch) for site in sites]
+    handles += [m.register_forward_pre_hook(remember_mask) for m in model.modules() if isinstance(m, SpikingAttention)]
+    set_simulation(model, "ann")
+    device = next(model.parameters()).device
+    first = min(ENERGY_WINDOWS, windows.shape[0])
+    batches = [windows[:first]] + [windows[i:i + BATCH] for i in range(first, windows.shape[0], BATCH)]
+    scored = 0
+    try:
+        with torch.enable_grad():
+            for index, batch in enumerate(batches):
+                counting[0] = index == 0
+                batch = batch.to(device)
+                logits = model(input_ids=batch, use_cache=False).logits.float()
+                F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                reduction="sum").backward()
+                scored += batch[:, 1:].numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+        set_simulation(model, "fast")
+    for site in sites:
+        site.loss = {t: loss_sums[site.name][t] / scored for t in candidates}
+        site.energy = {t: energy_sums[site.name][t] / batches[0].numel() for t in candidates}
+
+
+def _add_loss_terms(site: Site, x: torch.Tensor, grad: torch.Tensor, sums: dict) -> None:
+    """½ Σ g² (Q_T(x) − x)² at each candidate T: the diagonal-Fisher loss increase of rounding x at that T."""
+    fisher = grad.float().pow(2)
+    for t, (code, delta) in site.settings.items():
+        error = code.quantise(x, delta.to(x.device)).float() - x.float()
+        sums[t] += 0.5 * float((fisher * error.pow(2)).sum())
+
+
+def _energy(site: Site, x: torch.Tensor, code, delta, masks: dict, energy: EnergyModel) -> float:
+    """pJ of the site's train over `x` at one T: its neuron updates, and the ACs and shifts of what it drives."""
+    neuron = SignedNeuron(code, tuple(site.neuron.delta.shape), delta).to(x.device)
+    train = neuron.fire(x, neuron.delta)
+    present = None
+    ac = shifts = 0
+    for kind, module in site.consumers:
+        if kind == "synapsis":
+            counts = synapsis_counts(train, module.weight, None)
+        else:
+            mask = masks.get(module)
+            if kind == "pv.a":  # the softmax: the sink's columns drive constants, masked positions have no neuron
+                keys = mask.shape[-1] if mask is not None else train.spikes.shape[-1]
+                train, present = SpikeTrain(train.spikes[..., -keys:], train.weights, train.delta), mask
+            counts = _matmul_share(kind, train, module, mask)
+        ac, shifts = ac + counts["ac"], shifts + counts["shifts"]
+    updates = neuron_counts(train, present)["neuron_updates"]
+    return ac * energy.e_ac_pj + shifts * energy.shift + updates * energy.neuron
+
+
+def _matmul_share(role: str, train: SpikeTrain, attention: SpikingAttention, mask) -> dict:
+    """This operand's ACs and shifts in QKᵀ or P·V with the other operand silent (shaped from the attention's)."""
+    def silent(shape):
+        return SpikeTrain(train.spikes.new_zeros((train.timesteps,) + tuple(shape)), train.weights, train.delta)
+
+    heads, kv_heads = attention.q_neuron.delta.shape[0], attention.k_neuron.delta.shape[0]
+    if role == "qk.a":  # q [B, S, H, D] → [B, H, S, D] against kᵀ [B, KVH, D, S_k]
+        q = train.map(lambda x: x.transpose(-3, -2))
+        batch, rows, dim = q.spikes.shape[1], q.spikes.shape[3], q.spikes.shape[4]
+        keys = mask.shape[-1] if mask is not None else rows
+        return matmul_counts(q, silent((batch, kv_heads, dim, keys)), wanted=mask)
+    if role == "qk.b":  # k [B, S_k, KVH, D] → kᵀ [B, KVH, D, S_k] against q [B, H, S, D]
+        k = train.map(lambda x: x.transpose(-3, -2).transpose(-1, -2))
+        batch, dim, keys = k.spikes.shape[1], k.spikes.shape[3], k.spikes.shape[4]
+        rows = mask.shape[-2] if mask is not None else keys
+        return matmul_counts(silent((batch, heads, rows, dim)), k, wanted=mask)
+    if role == "pv.b":  # v [B, S_k, KVH, D] → [B, KVH, S_k, D] against P [B, H, S, S_k]
+        v = train.map(lambda x: x.transpose(-3, -2))
+        batch, keys = v.spikes.shape[1], v.spikes.shape[3]
+        rows = mask.shape[-2] if mask is not None else keys
+        return matmul_counts(silent((batch, heads, rows, keys)), v, a_support=mask)
+    # P [B, H, S, S_k] against v [B, KVH, S_k, D]
+    batch, keys, dim = train.spikes.shape[1], train.spikes.shape[-1], attention.v_neuron.delta.shape[-1]
+    return matmul_counts(train, silent((batch, kv_heads, keys, dim)), a_support=mask)
+
+
+def _path(sites: list[Site], top: int) -> list[tuple[int, int, float, float]]:
+    """The greedy moves (site index, its new T, predicted loss so far, energy saved so far), best saving per loss first."""
+    current = [top] * len(sites)
+    path, loss, saved = [], 0.0, 0.0
+    while True:
+        best = None
+        for i, site in enumerate(sites):
+            for t in range(MIN_TIMESTEPS, current[i]):
+                gain = site.energy[current[i]] - site.energy[t]
+                if gain <= 0:
+                    continue
+                cost = max(site.loss[t] - site.loss[current[i]], 0.0)
+                score = gain / cost if cost > 0 else math.inf
+                if best is None or (score, gain) > best[0]:
+                    best = ((score, gain), i, t, cost)
+        if best is None:
+            return path
+        (_, gain), i, t, cost = best
+        current[i] = t
+        loss, saved = loss + cost, saved + gain
+        path.append((i, t, loss, saved))
+
+
+def _allocation(sites: list[Site], path: list, steps: int, top: int) -> dict[str, int]:
+    """Each site's T after the first `steps` moves of the path."""
+    allocation = {site.name: top for site in sites}
+    for i, t, _, _ in path[:steps]:
+        allocation[sites[i].name] = t
+    return allocation
+
+
+def _recode(sites: list[Site], allocation: dict[str, int]) -> None:
+    for site in sites:
+        code, delta = site.settings[allocation[site.name]]
+        site.neuron.recode(code, delta)
+
+
+def _within_ratio(model, sites, path, windows, budget: float, top: int, summary: dict) -> int:
+    """The longest prefix of the path whose measured divergence stays within `budget` (bisection): both the PPL
+    ratio and exp of the KL(ANN ‖ SNN) per token that the allocation adds to the uniform model's, on the calibration
+    windows. The ratio alone can dip below 1 by chance on text the thresholds were fitted to; the KL cannot, and
+    grows steadily along the path (the uniform model's own KL is left out: at T=8 on SmolLM2-135M it is above
+    0.005 nats per token where its PPL ratio is 0.999)."""
+    reference = Fidelity(model, windows)
+    _recode(sites, _allocation(sites, path, 0, top))
+    uniform_ratio, uniform_exp_kl = reference.measure(model)
+
+    def measure(steps: int) -> tuple[float, float]:
+        _recode(sites, _allocation(sites, path, steps, top))
+        ratio, exp_kl = reference.measure(model)
+        return ratio, exp_kl / uniform_exp_kl
+
+    low, high = 0, len(path)
+    measured = {0: (uniform_ratio, 1.0)}
+    # to within 1/64 of the path: a few moves of the smallest sites more or less, for half the measurements
+    tolerance = len(path) // 64
+    if max(measured[0]) <= budget:
+        while high - low > tolerance:
+            middle = (low + high + 1) // 2
+            measured[middle] = measure(middle)
+            low, high = (middle, high) if max(measured[middle]) <= budget else (low, middle - 1)
+    summary.update(max_ppl_ratio=budget, measured_ppl_ratio=measured[low][0], added_exp_kl=measured[low][1],
+                   uniform_ppl_ratio=uniform_ratio, uniform_exp_kl=uniform_exp_kl, measurements=len(measured))
+    return low
+
+
+def _within_energy(model, sites, path, windows, budget: float, top: int, summary: dict) -> int:
+    """The shortest prefix of the path whose predicted SNN/ANN energy (view i) is within `budget`."""
+    from ..report.run import build_report
+
+    _recode(sites, _allocation(sites, path, 0, top))
+    uniform = build_report(model, windows[:ENERGY_WINDOWS], progress=False)["energy"]
+    tokens = windows[:ENERGY_WINDOWS].numel()
+    predicted = [uniform["snn_pj"] / uniform["ann_pj"]] + [
+        (uniform["snn_pj"] - saved * tokens) / uniform["ann_pj"] for _, _, _, saved in path]
+    steps = next((k for k, value in enumerate(predicted) if value <= budget), len(path))
+    reference = Fidelity(model, windows)
+    _recode(sites, _allocation(sites, path, steps, top))
+    ratio, exp_kl = reference.measure(model)
+    summary.update(energy_budget=budget, predicted_snn_over_ann=predicted[steps], measured_ppl_ratio=ratio,
+                   measured_exp_kl=exp_kl)
+    return steps
+
+
+class Fidelity:
+    """The ANN's next-token distributions over the calibration windows, to measure an SNN against."""
+
+    @torch.no_grad()
+    def __init__(self, model, windows: torch.Tensor):
+        self.windows = windows
+        self.device = next(model.parameters()).device
+        set_simulation(model, "ann")
+        # kept in bfloat16: a 150k-token vocabulary over 1024 tokens is 300 MB so; the KL needs no more
+        self.log_probs = [lp.to(torch.bfloat16) for lp in self._log_probs(model)]
+        self.nll = self._nll(self.log_probs)
+        set_simulation(model, "fast")
+
+    @torch.no_grad()
+    def measure(self, model) -> tuple[float, float]:
+        """(PPL ratio SNN/ANN, exp of the mean KL(ANN ‖ SNN) per token) of `model` in the fast simulation."""
+        set_simulation(model, "fast")
+        kl = 0.0
+        snn = self._log_probs(model)
+        for ann, own in zip(self.log_probs, snn):
+            ann = ann.float()
+            kl += float((ann.exp() * (ann - own)).sum())
+        return math.exp(self._nll(snn) - self.nll), math.exp(kl / self._count())
+
+    def _log_probs(self, model) -> list[torch.Tensor]:
+        out = []
+        for start in range(0, self.windows.shape[0], BATCH):
+            batch = self.windows[start:start + BATCH].to(self.device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            out.append(torch.log_softmax(logits, -1).cpu())
+        return out
+
+    def _nll(self, log_probs: list[torch.Tensor]) -> float:
+        total = 0.0
+        for index, lp in enumerate(log_probs):
+            targets = self.windows[index * BATCH:(index + 1) * BATCH, 1:]
+            total -= float(lp.float().gather(-1, targets.unsqueeze(-1)).sum())
+        return total / self._count()
+
+    def _count(self) -> int:
+        return self.windows[:, 1:].numel()

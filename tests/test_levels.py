@@ -1,0 +1,176 @@
+"""Per-site levels: each site's T chosen from calibration under one budget; exports, step simulation and the report."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ann2snn
+from ann2snn.calibration.levels import MIN_TIMESTEPS
+from ann2snn.convert import calibrate
+from ann2snn.cli import main
+from ann2snn.errors import CheckpointError, ConfigError
+from ann2snn.export import config_digest
+from ann2snn.modules.attention import SNNMatmul, snn_matmul
+from ann2snn.modules.neuron import SignedNeuron, SpikeTrain, set_simulation
+from ann2snn.report import build_report
+
+T = 6
+LOOSE = 1.001  # on the small random model: about half the steps go, every site keeps at least 2
+
+
+@pytest.fixture(scope="module")
+def calibrated(qwen2_checkpoint):
+    model, tokenizer = ann2snn.load_ann(str(qwen2_checkpoint))
+    statistics, info = calibrate(model, tokenizer, calib_samples=8, seq_len=32, progress=False)
+    return qwen2_checkpoint, statistics, info
+
+
+def converted(calibrated, **options):
+    folder, statistics, info = calibrated
+    model, _ = ann2snn.load_ann(str(folder))
+    return ann2snn.convert(model, timesteps=T, statistics=statistics, calibration_info=info, progress=False, **options)
+
+
+def base_timesteps(neuron: SignedNeuron) -> int:
+    """The neuron's T without its range steps (its window is T + range steps below 23 steps)."""
+    return neuron.code.timesteps - neuron.code.range_steps
+
+
+def neurons(model) -> dict[str, SignedNeuron]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SignedNeuron)}
+
+
+@pytest.fixture(scope="module")
+def mixed(calibrated):
+    return converted(calibrated, max_ppl_ratio=LOOSE)
+
+
+def test_every_site_gets_a_t_within_its_range_and_the_export_config_lists_them(mixed):
+    found = {base_timesteps(n) for n in neurons(mixed).values()}
+    assert min(found) >= MIN_TIMESTEPS and max(found) <= T
+    assert len(found) > 1  # mixed: some sites went below T, some did not
+    listed = mixed.ann2snn["site_timesteps"]
+    assert listed and all(MIN_TIMESTEPS <= t < T for t in listed.values())
+    assert mixed.ann2snn["allocation"]["measured_ppl_ratio"] <= LOOSE
+    assert mixed.ann2snn["recipe"]["level_allocation"] == "auto"
+    # each listed site is one neuron (q_proj's site is the q/k/v group's shared neuron), at the listed T
+    below = sorted(base_timesteps(n) for n in neurons(mixed).values() if base_timesteps(n) < T)
+    assert below == sorted(listed.values())
+
+
+def test_a_tighter_budget_never_gives_less_energy(calibrated):
+    saved = []
+    for ratio in (1.0, 1.0001, LOOSE, 1.003, 2.0):
+        summary = converted(calibrated, max_ppl_ratio=ratio).ann2snn["allocation"]
+        assert summary["measured_ppl_ratio"] <= ratio or summary["energy_saved_pj_per_token"] == 0
+        saved.append(summary["energy_saved_pj_per_token"])
+    assert saved == sorted(saved) and saved[-1] > 0  # looser budgets save as much or more
+    # an energy budget: the allocation's predicted SNN/ANN energy meets it, and a lower one saves more
+    low, high = (converted(calibrated, energy_budget=e).ann2snn["allocation"] for e in (0.3, 0.9))
+    assert low["energy_saved_pj_per_token"] >= high["energy_saved_pj_per_token"]
+    assert high["predicted_snn_over_ann"] <= 0.9
+
+
+def test_step_simulation_equals_fast_with_mixed_timesteps(mixed):
+    """Module by module: each neuron's train sums to the fast path's quantised value at its own T, and each spike
+    product of two trains of unequal windows equals the product of what they carry. (End to end the logits then
+    agree up to level flips where a value sits on a rounding boundary, which coarse levels make common.)"""
+    assert len({base_timesteps(n) for n in neurons(mixed).values()}) > 1
+    checked = {"neurons": 0, "products": 0, "unequal": 0}
+
+    def neuron_hook(module, args, out):
+        assert isinstance(out, SpikeTrain) and out.timesteps == module.code.timesteps
+        assert torch.equal(out.accumulate(), module.code.quantise(args[0], module.delta))
+        checked["neurons"] += 1
+
+    def product_hook(module, args, out):
+        a, b = args
+        assert torch.allclose(out, snn_matmul(a.accumulate(), b.accumulate()), atol=1e-9, rtol=0)
+        checked["products"] += 1
+        checked["unequal"] += a.timesteps != b.timesteps
+
+    model = mixed.double()
+    handles = [m.register_forward_hook(neuron_hook) for m in neurons(model).values()]
+    handles += [m.register_forward_hook(product_hook) for m in model.modules() if isinstance(m, SNNMatmul)]
+    try:
+        with torch.no_grad():
+            set_simulation(model, "step")
+            model(torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        set_simulation(model, "fast")
+        model.float()
+    assert checked["neurons"] == len(neurons(model)) and checked["products"] == 4 and checked["unequal"] > 0
+
+
+def test_an_export_with_mixed_timesteps_round_trips_and_a_damaged_list_is_refused(calibrated, mixed, tmp_path):
+    folder = calibrated[0]
+    _, tokenizer = ann2snn.load_ann(str(folder))
+    ids = tokenizer("It was the best of times, it was the worst of times.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = mixed(ids).logits
+    out = ann2snn.save(mixed, tmp_path / "snn", tokenizer)
+    config = json.loads((out / "snn_config.json").read_text())
+    assert config["format_version"] == 5 and config["site_timesteps"] == mixed.ann2snn["site_timesteps"]
+    assert "windows" not in config["calibration"]  # they live in calibration.safetensors
+    loaded = ann2snn.load(out)
+    assert {n: base_timesteps(m) for n, m in neurons(loaded).items()} == \
+        {n: base_timesteps(m) for n, m in neurons(mixed).items()}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+    # the allocation is recomputed from what the export saved: the same sites get the same T
+    model, _ = ann2snn.load_ann(str(folder))
+    again = ann2snn.convert(model, timesteps=T, calib_stats=out / "calibration.safetensors", max_ppl_ratio=LOOSE,
+                            progress=False)
+    assert again.ann2snn["site_timesteps"] == mixed.ann2snn["site_timesteps"]
+    # a hand-edited list (re-hashed, so only its values are wrong) is refused by name
+    for site, t in ((next(iter(config["site_timesteps"])), T + 1), ("model.layers.9.mlp.act_fn", 3)):
+        edited = dict(config, site_timesteps={**config["site_timesteps"], site: t})
+        edited["config_sha256"] = config_digest(edited)
+        (out / "snn_config.json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match="site_timesteps"):
+            ann2snn.load(out)
+
+
+def test_the_report_counts_each_site_at_its_own_t(calibrated, mixed):
+    windows = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    report = build_report(mixed, windows, progress=False)
+    rows = {name: row for name, row in report["modules"].items() if row["kind"] == "neuron"}
+    expected = 0
+    for name, neuron in neurons(mixed).items():
+        row = rows[name]
+        assert row["timesteps"] == neuron.code.timesteps
+        assert row["neuron_updates"] == row["neuron_inputs"] * neuron.code.timesteps
+        expected += row["neuron_inputs"] * neuron.code.timesteps
+    assert report["totals"]["neuron_updates"] == expected
+    assert len({row["timesteps"] for row in rows.values()}) > 1
+    assert report["site_timesteps"] == mixed.ann2snn["site_timesteps"]
+    uniform = build_report(converted(calibrated, levels="uniform"), windows, progress=False)
+    assert report["totals"]["neuron_updates"] < uniform["totals"]["neuron_updates"]
+    assert report["energy"]["snn_over_ann"] < uniform["energy"]["snn_over_ann"]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--max-ppl-ratio", "0.99"], "max-ppl-ratio"), (["--max-ppl-ratio", "nan"], "max-ppl-ratio"),
+    (["--energy-budget", "0"], "energy-budget"), (["--energy-budget", "-1"], "energy-budget"),
+    (["--max-ppl-ratio", "1.01", "--energy-budget", "0.4"], "not both"),
+    (["--levels", "uniform", "--max-ppl-ratio", "1.01"], "levels auto"),
+    (["--levels", "some"], "levels"),
+])
+def test_bad_level_options_are_refused_in_one_line(qwen2_checkpoint, tmp_path, args, named):
+    out = tmp_path / "snn"
+    result = CliRunner().invoke(main, ["convert", str(qwen2_checkpoint), "--out", str(out), *args])
+    assert result.exit_code == 2 and named in result.output
+    if "some" not in args:  # click's own usage error aside, one line naming the option
+        assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_library_refuses_the_same_values():
+    for options in ({"max_ppl_ratio": 0.5}, {"energy_budget": float("inf")}, {"levels": "fine"},
+                    {"max_ppl_ratio": 1.01, "energy_budget": 0.5}, {"levels": "uniform", "energy_budget": 0.5}):
+        with pytest.raises(ConfigError):
+            ann2snn.convert(None, **options)
