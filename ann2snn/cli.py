@@ -38,12 +38,12 @@ def main():
               help="High-order phase steps that extend a site's range past its clip: auto (recipe default: at "
                    "heavy-tailed sites, from calibration) or a number for every site; 0 = none.")
 @click.option("--levels", type=click.Choice(["auto", "uniform"]), default=None,
-              help="Time steps per site: auto (recipe default: each site the fewest of 2..T that keep the budget, "
-                   "measured on the calibration windows) or uniform (every site T).")
+              help="Time steps per site: uniform (recipe default: every site T) or auto (each site the fewest of 2..T "
+                   "that keep the budget, measured on the calibration windows; lower energy, less margin on unlike text).")
 @click.option("--max-ppl-ratio", type=float, default=None,
-              help="With levels auto: the PPL ratio SNN/ANN on the calibration windows to keep (default 1.0075).")
+              help="Per-site levels (implies --levels auto): the PPL ratio SNN/ANN on the calibration windows to keep (default 1.0075).")
 @click.option("--energy-budget", type=float, default=None,
-              help="With levels auto, instead of --max-ppl-ratio: the SNN/ANN energy (report view i) to reach.")
+              help="Per-site levels (implies --levels auto), instead of --max-ppl-ratio: the SNN/ANN energy (report view i) to reach.")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
               help="Outlier handling: none (recipe default), any of rotate,smooth,sink, or auto (sink where the model has one).")
 @click.option("--recipe", default="qwen2", show_default=True, help="Conversion recipe: qwen2 or braintransformers (baseline).")

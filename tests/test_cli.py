@@ -144,12 +144,10 @@ def test_unreachable_hub_fails_fast_with_advice(tmp_path, monkeypatch):
 def test_embedded_model_converts_and_stays_close_to_its_ann(tmp_path):
     """The shipped model at the default setting (phase code, T=8): held-out perplexity within 1% of the ANN."""
     out = tmp_path / "tiny"
-    assert run("convert", "qwen2-tiny", "--out", out).exit_code == 0  # the default calibration: 32 windows
+    assert run("convert", "qwen2-tiny", "--out", out, "--calib-samples", 16).exit_code == 0
     result = run("eval", out, "--data", str(bundled_text("heldout.txt")), "--json", "--max-tokens", 4096)
     figures = json.loads(result.output.strip().splitlines()[-1])
     assert figures["timesteps"] == 8 and figures["coding"] == "phase"
     assert figures["ppl_ann"] < 60  # a trained model (random: ~2000)
     assert figures["ppl_snn"] / figures["ppl_ann"] <= 1.01
-    # per-site levels (the default) spend about 5 of T=8's steps on average: a few more top-1 flips than uniform
-    # T=8 (0.94 agreement measured here), within the perplexity bound
-    assert figures["top1_agreement"] >= 0.93
+    assert figures["top1_agreement"] >= 0.95

@@ -60,6 +60,13 @@ def test_every_site_gets_a_t_within_its_range_and_the_export_config_lists_them(m
     assert below == sorted(listed.values())
 
 
+def test_levels_are_uniform_unless_asked_and_a_budget_asks(calibrated, mixed):
+    default = converted(calibrated)
+    assert default.ann2snn["recipe"]["level_allocation"] == "uniform" and not default.ann2snn.get("site_timesteps")
+    assert {base_timesteps(n) for n in neurons(default).values()} == {T}
+    assert mixed.ann2snn["recipe"]["level_allocation"] == "auto"  # `mixed` passed only max_ppl_ratio
+
+
 def test_a_tighter_budget_never_gives_less_energy(calibrated):
     saved = []
     for ratio in (1.0, 1.0001, LOOSE, 1.003, 2.0):

@@ -129,7 +129,7 @@ def exported(qwen2_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "snn"
     result = CliRunner().invoke(main, ["convert", str(qwen2_checkpoint), "--out", str(out), "--calib-data", UNSEEN,
                                        "--calib-samples", "4", "--seq-len", "32", "--timesteps", "4", "--threshold", "max",
-                                       "--seed", "1"],
+                                       "--seed", "1", "--levels", "auto"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out

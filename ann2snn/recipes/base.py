@@ -114,6 +114,8 @@ class Recipe:
             raise ConfigError(f"max-ppl-ratio must be at least 1 (the SNN over the ANN), got {chosen['max_ppl_ratio']!r}")
         if "headroom" in chosen and not (isinstance(chosen["headroom"], (int, float)) and 1 <= chosen["headroom"] <= 1024):
             raise ConfigError(f"headroom must be a number from 1 to 1024, got {chosen['headroom']!r}")
+        if ("max_ppl_ratio" in chosen or "energy_budget" in chosen) and "level_allocation" not in chosen:
+            chosen["level_allocation"] = "auto"  # a budget asks for per-site levels; only an explicit "uniform" refuses it
         recipe = dataclasses.replace(self, **chosen)
         if recipe.max_ppl_ratio is not None and recipe.energy_budget is not None:
             raise ConfigError("give either max-ppl-ratio or energy-budget, not both")
