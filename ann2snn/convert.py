@@ -43,10 +43,10 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     "sink", or ("auto",)) and `range_steps` ("auto" or a number of high-order
     phase steps per site, see `ann2snn.coding`) override the recipe's defaults.
 
-    `levels` "auto" (the qwen2 recipe's default) gives each site the fewest time steps, at most `timesteps`,
+    `levels` "auto" (opt-in; a budget implies it) gives each site the fewest time steps, at most `timesteps`,
     that keep the PPL ratio SNN/ANN measured on the calibration windows within `max_ppl_ratio` (default
     `recipe.base.DEFAULT_MAX_PPL_RATIO`), or that keep the SNN/ANN energy (view i) within `energy_budget`;
-    "uniform" gives every site `timesteps` (`ann2snn.calibration.levels`).
+    "uniform" (the default) gives every site `timesteps` (`ann2snn.calibration.levels`).
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers,
