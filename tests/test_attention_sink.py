@@ -60,7 +60,7 @@ def test_step_simulation_equals_fake_quantised_ann_with_the_sink(checkpoint):
     model.double()
     ids = _ids(tokenizer)
     seen = []
-    handle = _attention(model)[0].softmax.register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+    handle = _attention(model)[0].softmax.register_forward_hook(lambda _m, _a, out: seen.append(out))
     with torch.no_grad():
         set_simulation(model, "fast")
         fake_quantised = model(ids).logits

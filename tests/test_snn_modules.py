@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ann2snn.coding import SpikeCode
-from ann2snn.modules.attention import SNNSoftmax, snn_matmul
+from ann2snn.modules.attention import SNNSoftmax, SpikingAttention, snn_matmul
 from ann2snn.modules.neuron import SignedNeuron, SpikeTrain
 from ann2snn.modules.silu import SNNSiLU
 from ann2snn.modules.staircase_silu import StaircaseSiLU
@@ -47,6 +47,27 @@ def test_snn_matmul_of_two_trains_equals_product_of_quantised_operands(code):
     assert torch.allclose(snn_matmul(ta, tb), expected, atol=1e-9)
 
 
+@pytest.mark.parametrize("code", [SpikeCode("phase", 6), SpikeCode("rate", 8)], ids=lambda c: f"{c.name}{c.timesteps}")
+def test_spiking_attention_step_and_fast_give_the_same_bits(code):
+    """P·V in units of the steps: step and fast round alike (float32), so an output that lands on the next
+    neuron's rounding boundary goes the same way in both. The first query sees one token only: its output is
+    that token's quantised v, a multiple of Δ_v (the tie that made them part on Qwen2.5)."""
+    torch.manual_seed(3)
+    heads, kv_heads, dim, seq = 4, 2, 8, 9
+    steps = [torch.rand(h, dim) * 0.05 + 0.02 for h in (heads, kv_heads, kv_heads)]
+    attention = SpikingAttention(code, heads, kv_heads, dim, *steps)
+    q, k, v = torch.randn(2, heads, seq, dim), torch.randn(2, kv_heads, seq, dim), torch.randn(2, kv_heads, seq, dim)
+    mask = torch.ones(seq, seq).tril().bool().expand(2, 1, seq, seq)
+    outputs = {}
+    for simulation in ("fast", "step"):
+        for m in attention.modules():
+            m.simulation = simulation
+        outputs[simulation] = attention(q, k, v, mask, dim**-0.5)
+    assert torch.equal(outputs["step"], outputs["fast"])
+    first_v = code.quantise(v[:, :, 0].transpose(0, 1), steps[2].unsqueeze(1)).transpose(0, 1)  # [2, kv_heads, dim]
+    assert torch.allclose(outputs["fast"][:, 0], first_v.repeat_interleave(heads // kv_heads, 1), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("coding", ["rate", "phase"])
 @pytest.mark.parametrize("T", [1, 2, 4, 8, 16, 32])
 def test_snn_softmax_rows_sum_to_one_and_mask_is_respected(coding, T):
@@ -57,8 +78,8 @@ def test_snn_softmax_rows_sum_to_one_and_mask_is_respected(coding, T):
     mask = torch.ones(7, 7).tril().bool().expand(2, 1, 7, 7)
     scores_with_huge_masked = scores.masked_fill(~mask, 1e4)  # a masked outlier must not enter the scale
     softmax = _step(SNNSoftmax(SpikeCode(coding, T)))
-    train, row_sum = softmax(scores_with_huge_masked, mask)
-    probs = train.accumulate() / row_sum
+    train = softmax(scores_with_huge_masked, mask)
+    probs = train.accumulate() / train.accumulate().sum(-1, keepdim=True)  # normalised as SpikingAttention does
     assert torch.allclose(probs.sum(-1), torch.ones(2, 3, 7), atol=1e-5)  # stated tolerance: 1e-5
     assert (train.spikes.abs().sum(0)[~mask.expand(2, 3, 7, 7)] == 0).all()
     # rate-coded positives never need corrective spikes; the phase code may (+2 −1 = 1)

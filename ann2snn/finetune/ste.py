@@ -24,10 +24,10 @@ per-parameter normalisation takes the place of LSQ's gradient scale 1/√(N·L)
 gives ∂loss/∂s = Δ·∂loss/∂Δ.
 
 The `SignedNeuron` class is not modified: `differentiable_neurons` gives each
-neuron instance a temporary ``forward`` (an instance attribute, which
-``nn.Module.__call__`` finds before the class method) and a log-Δ parameter
-held outside the module, and on exit writes Δ = exp(s) back into the neuron's
-``delta`` buffer and removes the instance ``forward``. The model's state dict and
+neuron instance a temporary ``forward`` and ``current_delta`` (instance
+attributes, found before the class methods) and a log-Δ parameter held
+outside the module, and on exit writes Δ = exp(s) back into the neuron's
+``delta`` buffer and removes the instance attributes. The model's state dict and
 export format are never changed.
 """
 
@@ -130,14 +130,23 @@ def _log_delta(log_delta: torch.Tensor, log_scale: torch.Tensor | None) -> torch
     return (log_delta if log_scale is None else log_delta + log_scale).clamp_min(MIN_LOG_DELTA)
 
 
-def _differentiable_forward(neuron: SignedNeuron, log_delta: nn.Parameter | None, log_scale: nn.Parameter | None):
+def _differentiable_step(neuron: SignedNeuron, log_delta: nn.Parameter | None, log_scale: nn.Parameter | None):
+    """Δ as the neuron's ``current_delta`` while it is differentiable: the trained exp(s + g), or its own."""
+    fixed = neuron.current_delta
+
+    def current_delta(x: torch.Tensor) -> torch.Tensor:
+        if log_delta is None:
+            return fixed(x).detach()
+        return _log_delta(log_delta, log_scale).exp().to(x.device)
+
+    return current_delta
+
+
+def _differentiable_forward(neuron: SignedNeuron):
     def forward(x: torch.Tensor):
         if neuron.simulation == "ann":
             return x
-        if log_delta is None:
-            delta = neuron.current_delta(x).detach()
-        else:
-            delta = _log_delta(log_delta, log_scale).exp().to(x.device)
+        delta = neuron.current_delta(x)
         if neuron.simulation == "fast":
             return ste_quantise(x, delta, neuron.code.max_count)
         return neuron.fire(x, delta.detach())  # "step": the real spikes, at the current thresholds
@@ -169,7 +178,10 @@ def differentiable_neurons(model: nn.Module, train_steps: bool = True, softmax: 
                 log_deltas[name] = param
                 if scales:
                     scale = log_scales[name] = nn.Parameter(torch.zeros((), device=param.device))
-            neuron.forward = _differentiable_forward(neuron, param, scale)
+            # instance attributes, found before the class's: readers of current_delta (SpikingAttention's
+            # products in units of Δ) see the trained Δ too
+            neuron.current_delta = _differentiable_step(neuron, param, scale)
+            neuron.forward = _differentiable_forward(neuron)
             patched.append((neuron, param, scale))
         yield DifferentiableNeurons(log_deltas, log_scales)
     finally:
@@ -178,3 +190,4 @@ def differentiable_neurons(model: nn.Module, train_steps: bool = True, softmax: 
                 if param is not None:
                     neuron.delta.copy_(_log_delta(param.detach(), None if scale is None else scale.detach()).exp().to(neuron.delta))
                 neuron.__dict__.pop("forward", None)
+                neuron.__dict__.pop("current_delta", None)

@@ -4,13 +4,21 @@ Per head, with q and k after RoPE and v as the Linear layers produce them:
 
     scores = SNNMatmul(spikes(q), spikes(k))·scaling          (QKᵀ)
     e      = exp(scores − rowmax), masked positions → 0        (float)
-    out    = SNNMatmul(spikes(e), spikes(v)) / Σ_j count(e_j)·Δ_e
+    out    = SNNMatmul(counts(e), counts(v))·Δ_v / Σ_j count(e_j)
 
 SNNSoftmax encodes the *unnormalised* exponentials e ∈ (0, 1] with a fixed
 step (clip 1: the row's largest entry is exactly 1), so it needs no
-calibration and each row of the spiking probabilities sums to 1 to float
-precision: the normaliser is the accumulated spike count of the same train.
-Masked positions give e = 0 and never fire, and never enter the row maximum.
+calibration and each row of the spiking probabilities sums to 1: the
+normaliser is the spike count of the same train. Masked positions give e = 0
+and never fire, and never enter the row maximum.
+
+P·V runs on the two trains in units of their steps (integer counts; float64
+keeps every partial sum exact) and is scaled by Δ_v once at the end, in fast
+and in step simulation alike. So both produce the same bits, also where an
+output lands exactly on the next neuron's rounding boundary — which is common,
+not rare: a query attending to one token sends that token's quantised v
+unchanged, a multiple of Δ_v, onto o_proj's grid. Rounded in a different order,
+fast and step would round such ties apart.
 
 The module is reached through `transformers`' AttentionInterface under the
 name ``"ann2snn"`` (with a matching AttentionMaskInterface entry giving a
@@ -105,7 +113,7 @@ class SNNMatmul(nn.Module):
 
 
 class SNNSoftmax(nn.Module):
-    """Softmax whose output is a spike train of unnormalised exponentials and its row sums."""
+    """Softmax whose output is a spike train of unnormalised exponentials (normalised by `SpikingAttention`)."""
 
     def __init__(self, code: SpikeCode):
         super().__init__()
@@ -118,10 +126,7 @@ class SNNSoftmax(nn.Module):
         row_max = scores.amax(-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         e = torch.exp(scores - row_max)  # the exponential stays in float (listed in snn_config.json)
-        train = self.neuron(e)
-        accumulated = train.accumulate() if isinstance(train, SpikeTrain) else train
-        row_sum = accumulated.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-        return train, row_sum
+        return self.neuron(e)
 
 
 class SpikingAttention(nn.Module):
@@ -171,16 +176,35 @@ class SpikingAttention(nn.Module):
             scores = torch.cat([_constant_matmul(q, sink_key) * scaling, scores], -1)
             if mask is not None:
                 mask = torch.cat([mask.new_ones(*mask.shape[:-1], self.sink_tokens), mask], -1)
-        probs, row_sum = self.softmax(scores, mask)
-        v = _apply(v, lambda x: x.to(row_sum.dtype))
+        probs = self.softmax(scores, mask)
+        if self.softmax.neuron.simulation != "ann" and self.v_neuron.simulation != "ann":
+            # quantised: the product in units of the neurons' steps (module docstring), then Δ_v per channel
+            v_delta = self._head_delta(self.v_neuron, value.transpose(1, 2))
+            probs = _in_units(probs, self.softmax.neuron.current_delta(scores))
+            v = _in_units(v, v_delta)
+            v_delta = v_delta.repeat_interleave(self.groups, dim=-3) if self.groups > 1 else v_delta
+        else:  # the float attention of the original model (or a test's, with the neurons off)
+            v_delta = None
+            probs = probs.to(torch.promote_types(probs.dtype, v.dtype))
+            v = v.to(probs.dtype)
+        row_sum = _accumulated(probs).sum(-1, keepdim=True)  # sink included
+        row_sum = row_sum.clamp_min(torch.finfo(row_sum.dtype).tiny)  # a fully masked row has none
         if sink:
-            sink_value = self.sink_value.repeat_interleave(self.groups, 0).to(row_sum.dtype)
             sink_probs = _apply(probs, lambda x: x[..., : self.sink_tokens])
             probs = _apply(probs, lambda x: x[..., self.sink_tokens:])
-            out = (self.pv(probs, v) + _constant_matmul(sink_probs, sink_value)) / row_sum
-        else:
-            out = self.pv(probs, v) / row_sum
-        return out.transpose(1, 2).to(query.dtype)
+        out = self.pv(probs, v)
+        if v_delta is not None:
+            out = out * v_delta
+        if sink:  # the sink probability's spikes select rows of the constant values
+            sink_value = self.sink_value.repeat_interleave(self.groups, 0).to(out.dtype)
+            out = out + torch.matmul(_accumulated(sink_probs), sink_value)
+        return (out / row_sum).transpose(1, 2).to(query.dtype)
+
+    @staticmethod
+    def _head_delta(neuron: SignedNeuron, x: torch.Tensor) -> torch.Tensor:
+        """The neuron's step for x [B, S, heads, head_dim], shaped to broadcast over [B, heads, S, head_dim]."""
+        delta = neuron.current_delta(x).to(torch.float64)
+        return delta.unsqueeze(-2) if delta.dim() == 2 else delta
 
 
 def _constant_matmul(x: torch.Tensor | SpikeTrain, constant: torch.Tensor) -> torch.Tensor:
@@ -188,6 +212,22 @@ def _constant_matmul(x: torch.Tensor | SpikeTrain, constant: torch.Tensor) -> to
     if isinstance(x, SpikeTrain):
         return torch.matmul(x.values(), constant.to(x.spikes.dtype)).sum(0)
     return torch.matmul(x, constant.to(x.dtype))
+
+
+def _in_units(x: torch.Tensor | SpikeTrain, delta: torch.Tensor) -> torch.Tensor | SpikeTrain:
+    """x in units of its step Δ, in float64: a train with Δ = 1, or the integer counts of a quantised value.
+
+    A quantised x is k·Δ, so x/Δ is k to within an ulp and rounds to it; the rounding is passed straight
+    through (u + (k − u), exactly k: k − u is exact for u this close to k), so fine-tuning's gradients
+    reach x and Δ as through x itself."""
+    if isinstance(x, SpikeTrain):
+        return SpikeTrain(x.spikes.to(torch.float64), x.weights, torch.ones((), dtype=torch.float64, device=x.spikes.device))
+    u = x.to(torch.float64) / delta.to(device=x.device, dtype=torch.float64)
+    return u + (torch.round(u) - u).detach()
+
+
+def _accumulated(x: torch.Tensor | SpikeTrain) -> torch.Tensor:
+    return x.accumulate() if isinstance(x, SpikeTrain) else x
 
 
 def _apply(x, fn):
