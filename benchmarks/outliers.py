@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,12 +60,21 @@ def evaluation_sets(ann, tokenizer, data: list[str], seq_len: int, max_tokens: i
     return evaluations
 
 
+def token_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Each predicted token's negative log-likelihood, flattened."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+                                             windows[:, 1:].reshape(-1), reduction="none")
+
+
 def bound_rows(ann, tokenizer, evaluations: dict, timesteps: list[int], settings: list[str], calib_data, calib_samples: int,
-               seq_len: int):
+               seq_len: int, step_data: str | None = None, step_timesteps: frozenset[int] = frozenset()):
     """One dict per (T, setting, evaluation set): the setting's conversion at T, scored by its bound (``fast``).
 
     Calibration runs once per outlier handling; every conversion reuses its statistics, which do not depend
-    on T, threshold rule, headroom or range steps."""
+    on T, threshold rule, headroom or range steps. At each T of `step_timesteps`, on the evaluation set
+    named `step_data`, the step simulation runs too: "step_ratio" is its perplexity over the bound's, "step_se" that ratio's standard
+    error from the paired per-token differences (both are one realisation of the spikes; in float32 they part
+    where a rounding flips a level, which later layers amplify)."""
     calibrated = {}
     for t, name in sorted((t, name) for name in settings for t in timesteps):
         outliers, threshold, headroom, range_steps = SETTINGS[name]
@@ -80,8 +90,14 @@ def bound_rows(ann, tokenizer, evaluations: dict, timesteps: list[int], settings
             start = time.time()
             logits = logits_over(snn, windows, "fast")
             top1 = (logits[:, :-1].argmax(-1) == reference[:, :-1].argmax(-1)).float().mean().item()
-            yield {"timesteps": t, "setting": name, "recipe": snn.ann2snn["recipe"], "range_steps": snn.ann2snn["range_steps"],
-                   "data": data, "ratio": perplexity(logits, windows) / ppl_ann, "top1": top1, "seconds": time.time() - start}
+            row = {"timesteps": t, "setting": name, "recipe": snn.ann2snn["recipe"], "range_steps": snn.ann2snn["range_steps"],
+                   "data": data, "ratio": perplexity(logits, windows) / ppl_ann, "top1": top1}
+            if data == step_data and t in step_timesteps:
+                difference = token_nll(logits_over(snn, windows, "step"), windows) - token_nll(logits, windows)
+                row["step_ratio"] = math.exp(difference.mean().item())
+                row["step_se"] = difference.std().item() / math.sqrt(difference.numel())
+            row["seconds"] = time.time() - start
+            yield row
             del logits
         del snn
 
