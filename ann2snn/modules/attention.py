@@ -197,7 +197,7 @@ class SpikingAttention(nn.Module):
             out = out * v_delta
         if sink:  # the sink probability's spikes select rows of the constant values
             sink_value = self.sink_value.repeat_interleave(self.groups, 0).to(out.dtype)
-            out = out + torch.matmul(_accumulated(sink_probs), sink_value)
+            out = out + _constant_matmul(sink_probs, sink_value)
         return (out / row_sum).transpose(1, 2).to(query.dtype)
 
     @staticmethod
