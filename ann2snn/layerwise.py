@@ -2,7 +2,8 @@
 
 `convert_layer_by_layer(folder, out, ...)` gives the export that
 ``ann2snn.save(ann2snn.convert(*load_ann(folder), ...), out)`` gives — the same
-tensors, statistics and snn_config.json (tested) — while holding in memory only
+tensors, statistics and snn_config.json, the head's measured divergences to
+rounding (tested) — while holding in memory only
 the embedding, the final norm and head, **one decoder layer**, the calibration
 hidden states between layers and the statistics gathered so far:
 
