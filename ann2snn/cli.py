@@ -37,9 +37,12 @@ def main():
 @click.option("--range-steps", default=None,
               help="High-order phase steps that extend a site's range past its clip: auto (recipe default: at "
                    "heavy-tailed sites, from calibration) or a number for every site; 0 = none.")
+@click.option("--head-steps", default=None,
+              help="Time steps of the spiking lm_head's input neuron beyond --timesteps: auto (recipe default: as many "
+                   "as its measured effect on the calibration windows asks, up to 3) or a number from 0 to 3.")
 @click.option("--levels", type=click.Choice(["auto", "uniform"]), default=None,
-              help="Time steps per site: uniform (recipe default: every site T) or auto (each site the fewest of 2..T "
-                   "that keep the budget, measured on the calibration windows; lower energy, less margin on unlike text).")
+              help="Time steps per site: uniform (recipe default: every site T, the head its own) or auto (each site "
+                   "the fewest of 2..its T that keep the budget, measured on the calibration windows; lower energy, less margin on unlike text).")
 @click.option("--max-ppl-ratio", type=float, default=None,
               help="Per-site levels (implies --levels auto): the PPL ratio SNN/ANN on the calibration windows to keep (default 1.0075).")
 @click.option("--energy-budget", type=float, default=None,
@@ -60,7 +63,7 @@ def main():
 @device_map_option
 @clean_errors
 def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, timesteps, coding, threshold, headroom, range_steps,
-            levels, max_ppl_ratio, energy_budget, outliers, recipe, dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
+            head_steps, levels, max_ppl_ratio, energy_budget, outliers, recipe, dtype, seed, overwrite, trust_remote_code, finetune, finetune_data, finetune_steps, finetune_rule, layer_by_layer,
             device_map):
     """Calibrate MODEL on text, convert it to an SNN and export it to --out.
 
@@ -82,7 +85,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
 
     summary = convert_and_export(
         model, out_dir, recipe=recipe, timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
-        outliers=outliers, range_steps=range_steps, levels=levels, max_ppl_ratio=max_ppl_ratio,
+        outliers=outliers, range_steps=range_steps, head_steps=head_steps, levels=levels, max_ppl_ratio=max_ppl_ratio,
         energy_budget=energy_budget, calib_data=calib_data, calib_samples=calib_samples, seq_len=seq_len,
         calib_stats=calib_stats, dtype=dtype, seed=seed, overwrite=overwrite, trust_remote_code=trust_remote_code,
         finetune=finetune, finetune_data=finetune_data, finetune_steps=finetune_steps, finetune_rule=finetune_rule,
@@ -98,7 +101,8 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
                                           if "sink" in calibration else "")
     click.echo(f"converted {model} → {summary['out']} (recipe {recipe['name']}, {recipe['coding']} coding, "
                f"T={recipe['timesteps']}, {recipe['levels']} levels, thresholds: {recipe['threshold']} "
-               f"×{recipe['headroom']:g}, range steps: {ranged}, levels: {_levels(summary)}, outliers: {outliers})")
+               f"×{recipe['headroom']:g}, range steps: {ranged}, levels: {_levels(summary)}{_head(summary)}, "
+               f"outliers: {outliers})")
     figures = summary["finetune"]
     if figures is not None:
         from .finetune import gap_reduction
@@ -111,6 +115,12 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
         print_notes(figures)
 
 
+def _head(summary: dict) -> str:
+    """The spiking head's window, where it has one of its own ("" for a float head)."""
+    head = summary.get("head") or {}
+    return "".join(f", {site} at T={found['timesteps']} ({found['rule']})" for site, found in head.items())
+
+
 def _levels(summary: dict) -> str:
     """The per-site levels in a few words: how many sites went below T, and what the allocation measured."""
     found, recipe = summary["allocation"], summary["recipe"]
@@ -120,7 +130,8 @@ def _levels(summary: dict) -> str:
               if "max_ppl_ratio" in found else
               f"predicted energy {found['predicted_snn_over_ann']:.3f} (≤ {found['energy_budget']:g}), PPL ratio "
               f"{found['measured_ppl_ratio']:.4f} on the calibration windows")
-    return (f"auto ({len(summary['site_timesteps'])} of {found['sites']} sites below T={recipe['timesteps']}, "
+    below = [t for t in summary["site_timesteps"].values() if t < recipe["timesteps"]]
+    return (f"auto ({len(below)} of {found['sites']} sites below T={recipe['timesteps']}, "
             f"mean T {found['mean_timesteps']:.2f}; {budget})")
 
 

@@ -19,6 +19,7 @@ import torch
 from .attention_sink import attached, compute_sinks, resolve_outliers
 from .calibration.calibrate import WINDOWS, collect_statistics, load_statistics
 from .calibration.data import calibration_windows
+from .calibration.head import fit_head
 from .calibration.thresholds import range_steps
 from .recipes import check_supported, get_recipe
 from .recipes.base import Recipe
@@ -30,8 +31,8 @@ from .transforms import rotate, smooth
 
 def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps: int | None = None,
             coding: str | None = None, threshold: str | None = None, headroom: float | None = None,
-            outliers: tuple[str, ...] | None = None, range_steps: str | int | None = None, levels: str | None = None,
-            max_ppl_ratio: float | None = None, energy_budget: float | None = None, calib_data: str | Path | None = None,
+            outliers: tuple[str, ...] | None = None, range_steps: str | int | None = None, head_steps: str | int | None = None,
+            levels: str | None = None, max_ppl_ratio: float | None = None, energy_budget: float | None = None, calib_data: str | Path | None = None,
             calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
             statistics: dict | None = None, calibration_info: dict | None = None, seed: int = 0, progress: bool = True):
     """Convert a transformers causal LM (Qwen2 / Llama / Mistral) into an SNN, in place; returns it.
@@ -41,7 +42,8 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     (`statistics`, or a saved `calib_stats` file). `timesteps`, `coding`,
     `threshold`, `headroom`, `outliers` (a tuple of "rotate", "smooth",
     "sink", or ("auto",)) and `range_steps` ("auto" or a number of high-order
-    phase steps per site, see `ann2snn.coding`) override the recipe's defaults.
+    phase steps per site, see `ann2snn.coding`) override the recipe's defaults. `head_steps` ("auto" or a number)
+    gives the spiking lm_head's input neuron steps beyond `timesteps` (`ann2snn.calibration.head`).
 
     `levels` "auto" (opt-in; a budget implies it) gives each site the fewest time steps, at most `timesteps`,
     that keep the PPL ratio SNN/ANN measured on the calibration windows within `max_ppl_ratio` (default
@@ -50,7 +52,7 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers,
-                                 range_steps=range_steps, level_allocation=levels, max_ppl_ratio=max_ppl_ratio,
+                                 range_steps=range_steps, head_steps=head_steps, level_allocation=levels, max_ppl_ratio=max_ppl_ratio,
                                  energy_budget=energy_budget)
     check_supported(recipe, getattr(model.config, "model_type", None))
     torch.manual_seed(seed)
@@ -76,29 +78,37 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
         warnings.warn("these calibration statistics hold no token windows (saved before per-site levels), so every "
                       f"site gets T={recipe.timesteps}; recalibrate (drop --calib-stats) for per-site levels")
         recipe = recipe.with_uniform_levels()
+    if recipe.spiking_head and recipe.head_steps == "auto" and WINDOWS not in calibration:
+        warnings.warn("these calibration statistics hold no token windows (saved before the head's window was "
+                      f"measured), so lm_head's input neuron gets T={recipe.timesteps}; recalibrate (drop --calib-stats) "
+                      "for its own window")
+        recipe = recipe.with_options(head_steps=0)
     ctx = swap_modules(model, recipe, statistics, sinks)
-    site_timesteps, allocation = {}, None
-    if recipe.level_allocation == "auto":
+    site_timesteps, head = fit_head(model, ctx, calibration.get(WINDOWS))
+    allocation = None
+    if recipe.level_allocation == "auto":  # from every site at its T, the head at its own: sites may go lower
         from .calibration.levels import allocate
 
         site_timesteps, allocation = allocate(model, ctx, calibration[WINDOWS])
-    model.ann2snn = export_metadata(recipe, calibration, statistics, site_timesteps, allocation)
+    model.ann2snn = export_metadata(recipe, calibration, statistics, site_timesteps, allocation, head)
     return model.eval()
 
 
 def export_metadata(recipe: Recipe, calibration: dict, statistics: dict, site_timesteps: dict[str, int] | None = None,
-                    allocation: dict | None = None) -> dict:
+                    allocation: dict | None = None, head: dict | None = None) -> dict:
     """What a converted model carries into its export (snn_config.json, calibration.safetensors).
 
     `range_steps` lists the sites with high-order range steps (coding.py) and how many: each of those
     sites fires in a window of that many more steps than its T (its latency, in the export's
-    config); `site_timesteps` the sites whose T is below the recipe's (per-site levels) and that T, and
-    `allocation` what the allocation measured; `load` rebuilds their codes from these."""
+    config); `site_timesteps` the sites whose T is not the recipe's and that T (below it: per-site levels; above
+    it: the spiking head's input neuron, `calibration.head`), `allocation` what the per-site allocation measured
+    and `head` what the head's window was chosen from; `load` rebuilds the sites' codes from these."""
     steps = {site: range_steps(stats, recipe.range_steps, recipe.code) for site, stats in sorted(statistics.items())}
-    below = {site: t for site, t in sorted((site_timesteps or {}).items()) if t < recipe.timesteps}
+    own = {site: t for site, t in sorted((site_timesteps or {}).items()) if t != recipe.timesteps}
     return {"recipe": recipe.summary(), "float_operations": list(recipe.operations_in_float()),
-            "range_steps": {site: k for site, k in steps.items() if k}, "site_timesteps": below,
-            "allocation": allocation, "calibration": calibration, "versions": _versions(), "statistics": statistics}
+            "range_steps": {site: k for site, k in steps.items() if k}, "site_timesteps": own,
+            "allocation": allocation, "head": head, "calibration": calibration, "versions": _versions(),
+            "statistics": statistics}
 
 
 def calibration_summary(calib_data, windows: torch.Tensor, seed: int, outliers: tuple[str, ...], **notes) -> dict:

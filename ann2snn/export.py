@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .atomic import atomic_folder, check_writable
 from .calibration.calibrate import WINDOWS
+from .calibration.head import MAX_EXTRA_STEPS, head_sites
 from .calibration.thresholds import THRESHOLD_RULES
 from .errors import CheckpointError, ConfigError
 from .placement import place
@@ -40,8 +41,9 @@ from .transforms import OUTLIER_OPTIONS
 # 2: a neuron's quantisation step Δ is stored as `delta` (format 1: `step`); 3: snn_config.json holds its own SHA-256;
 # 4: Synapsis reading one tensor share one input neuron, stored under its first reader's name, and lm_head may spike
 # (recipe "share_inputs", "spiking_head"; before: one neuron per Synapsis, a float head); 5: a site may fire fewer
-# steps than the recipe's T ("site_timesteps", per-site levels; before: every site T)
-FORMAT_VERSION = 5
+# steps than the recipe's T ("site_timesteps", per-site levels; before: every site T); 6: the spiking head's input
+# neuron may fire more steps than T (in "site_timesteps", recipe "head_steps"; before: the head at T)
+FORMAT_VERSION = 6
 SNN_CONFIG = "snn_config.json"
 CONFIG_HASH = "config_sha256"
 CALIBRATION_FILE = "calibration.safetensors"
@@ -215,6 +217,7 @@ def export_recipe(path: Path, recipe: dict):
         raise CheckpointError(f"{path}: threshold {recipe['threshold']!r} is not one of {', '.join(THRESHOLD_RULES)}; "
                               "the export is damaged")
     flags = {key: recipe.get(key, False) for key in ("share_inputs", "spiking_head")}  # absent before format 4: off
+    head_steps = recipe.get("head_steps", 0)  # absent before format 6: the head at T
     levels = {key: recipe.get(key) for key in ("level_allocation", "max_ppl_ratio", "energy_budget")}  # before 5: uniform
     wrong = [key for key, value in flags.items() if not isinstance(value, bool)]
     if wrong:
@@ -224,7 +227,7 @@ def export_recipe(path: Path, recipe: dict):
             coding=recipe["coding"], timesteps=recipe["timesteps"], threshold=recipe["threshold"],
             headroom=recipe.get("headroom"), outliers=tuple(recipe["outliers"]), range_steps=recipe.get("range_steps", 0),
             level_allocation=levels["level_allocation"] or "uniform", max_ppl_ratio=levels["max_ppl_ratio"],
-            energy_budget=levels["energy_budget"], **flags)
+            energy_budget=levels["energy_budget"], head_steps=head_steps, **flags)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}; the export is damaged") from None
 
@@ -271,10 +274,11 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
     if not isinstance(sites, dict) or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sites.values()):
         raise CheckpointError(f"{folder / SNN_CONFIG}: range_steps must map sites to positive step counts; the export is damaged")
     site_timesteps = config.get("site_timesteps", {})  # absent before format 5: every site at the recipe's T
+    most = recipe.timesteps + MAX_EXTRA_STEPS  # the head's input neuron may fire up to that many (format 6)
     if not isinstance(site_timesteps, dict) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= recipe.timesteps for t in site_timesteps.values()):
-        raise CheckpointError(f"{folder / SNN_CONFIG}: site_timesteps must map sites to time steps from 1 to the recipe's "
-                              f"{recipe.timesteps}; the export is damaged")
+            isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= most for t in site_timesteps.values()):
+        raise CheckpointError(f"{folder / SNN_CONFIG}: site_timesteps must map sites to time steps from 1 to {most}; "
+                              "the export is damaged")
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype or getattr(model_config, "dtype", None) or torch.float32)
     built = swap_modules(model, recipe, statistics=None, range_steps=sites, site_timesteps=site_timesteps)
@@ -282,6 +286,10 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, device_map: str |
     if unknown:
         raise CheckpointError(f"{folder / SNN_CONFIG}: site_timesteps names {unknown[0]}, which this model has no neuron "
                               "for; the export is damaged")
+    above = sorted(site for site, t in site_timesteps.items() if t > recipe.timesteps and site not in head_sites(built))
+    if above:
+        raise CheckpointError(f"{folder / SNN_CONFIG}: site_timesteps gives {above[0]} more steps than the recipe's "
+                              f"{recipe.timesteps}, which only the head's input neuron may fire; the export is damaged")
     state = _read_weights(folder, config)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -2,7 +2,8 @@
 
 `convert_layer_by_layer(folder, out, ...)` gives the export that
 ``ann2snn.save(ann2snn.convert(*load_ann(folder), ...), out)`` gives — the same
-tensors, statistics and snn_config.json (tested) — while holding in memory only
+tensors, statistics and snn_config.json, the head's measured divergences to
+rounding (tested) — while holding in memory only
 the embedding, the final norm and head, **one decoder layer**, the calibration
 hidden states between layers and the statistics gathered so far:
 
@@ -16,7 +17,8 @@ hidden states between layers and the statistics gathered so far:
    input), the recipe's rules swap in its SNN modules, its tensors are written
    as one shard of the export, and the layer goes back to the meta device;
 4. with a spiking head, its input neuron is calibrated on the final norm's
-   output of the same hidden states and the head becomes a Synapsis; the
+   output of the same hidden states, the head becomes a Synapsis, and its
+   window is measured on those outputs (`calibration.head`); the
    embedding, norm and head become the last shard; config, statistics,
    tokenizer and snn_config.json (with every file's SHA-256) complete the folder.
 
@@ -31,6 +33,7 @@ different masks (sliding-window layers mixed with full ones).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,12 +44,13 @@ from tqdm.auto import tqdm
 from .atomic import atomic_folder
 from .calibration.calibrate import WINDOWS, hand_over, load_statistics, observing, release_memory
 from .calibration.data import calibration_windows
+from .calibration.head import WINDOWS as HEAD_WINDOWS, fit_head
 from .convert import calibration_summary, check_sites, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
 from .export import check_output, unique_tensors, write_beside_weights, write_shard, write_shard_index
 from .models import FINITE_CHUNK, check_seq_len, check_weight_files, load_tokenizer_from, parse_dtype, read_config, resolve_model
 from .recipes import Recipe, check_supported, get_recipe
-from .replace import CALIBRATION_ATTENTION, apply_recipe, matches
+from .replace import CALIBRATION_ATTENTION, apply_recipe, matches, swap_modules
 
 
 class _Stop(Exception):
@@ -145,7 +149,8 @@ def _layer_inputs(model, windows: torch.Tensor, batch_size: int) -> list[tuple[t
 def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, *, recipe: str | Recipe = "qwen2",
                            timesteps: int | None = None, coding: str | None = None, threshold: str | None = None,
                            headroom: float | None = None, outliers: tuple[str, ...] | None = None,
-                           range_steps: str | int | None = None, levels: str | None = None,
+                           range_steps: str | int | None = None, head_steps: str | int | None = None,
+                           levels: str | None = None,
                            max_ppl_ratio: float | None = None, energy_budget: float | None = None,
                            calib_data: str | Path | None = None,
                            calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
@@ -166,12 +171,17 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
     check_weight_files(folder)
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
-                                 outliers=outliers, range_steps=range_steps, level_allocation=levels, max_ppl_ratio=max_ppl_ratio,
+                                 outliers=outliers, range_steps=range_steps, head_steps=head_steps,
+                                 level_allocation=levels, max_ppl_ratio=max_ppl_ratio,
                                  energy_budget=energy_budget)
     if max_ppl_ratio is not None or energy_budget is not None or levels == "auto":
         raise ConfigError("--layer-by-layer gives every site the same T (per-site levels are measured on the whole "
                           "model); drop --levels auto, --max-ppl-ratio and --energy-budget")
     recipe = recipe.with_uniform_levels()
+    if calib_stats is not None and recipe.spiking_head and recipe.head_steps == "auto":
+        warnings.warn("--layer-by-layer with --calib-stats runs no calibration windows through the model, so lm_head's "
+                      f"input neuron gets T={recipe.timesteps}; drop --calib-stats for its own window")
+        recipe = recipe.with_options(head_steps=0)
     check_output(out, overwrite)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
@@ -227,6 +237,7 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
             layers[index].to("meta")
             release_memory()
         outside = [m for m in matches(model, recipe) if not m[0].startswith("model.layers.")]
+        site_timesteps, head = {}, None
         if outside:  # the spiking head: its input neuron is calibrated on the final norm's output, as in convert
             if calib_stats is None:
                 with observing(model, outside, int(windows.numel()), seed=seed) as observers:
@@ -235,7 +246,13 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
                 statistics.update(hand_over(observers))
             check_sites(outside, statistics)
             for name, _, _ in outside:
-                apply_recipe(model, recipe, statistics, within=name)
+                ctx = swap_modules(model, recipe, statistics, within=name)
+                # its window from the final norm's output of the first calibration windows, as convert measures it
+                head_inputs = None if calib_stats is not None else torch.cat(
+                    [model.model.norm(hidden).flatten(0, -2) for hidden, _ in inputs])[:HEAD_WINDOWS * seq_len]
+                timesteps, measured = fit_head(model, ctx, inputs=head_inputs)
+                site_timesteps.update(timesteps)
+                head = {**(head or {}), **(measured or {})} or None
         # a tied head (lm_head.weight, or lm_head.synapse.weight when it spikes) is written once, as the embedding
         rest = unique_tensors({name: t for name, t in model.state_dict().items() if not name.startswith("model.layers.")})
         weight_map.update(write_shard(tmp, rest, shards, shards))
@@ -243,6 +260,6 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
         if calib_stats is None:
             # the windows too, so that a convert --calib-stats from this export can allocate per-site levels
             calibration = {**calibration_summary(calib_data, windows, seed, recipe.outliers), WINDOWS: windows}
-        meta = export_metadata(recipe, calibration, statistics)
+        meta = export_metadata(recipe, calibration, statistics, site_timesteps, head=head)
         write_beside_weights(tmp, model.config, meta, tokenizer)
     return meta

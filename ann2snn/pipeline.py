@@ -57,7 +57,7 @@ FINETUNE_RULE, FINETUNE_STEPS = "distill", 200  # convert's fine-tune when not t
 def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwen2", timesteps: int | None = None,
                        coding: str | None = None, threshold: str | None = None, headroom: float | None = None,
                        outliers: tuple[str, ...] | None = None, range_steps: str | int | None = None,
-                       levels: str | None = None, max_ppl_ratio: float | None = None, energy_budget: float | None = None,
+                       head_steps: str | int | None = None, levels: str | None = None, max_ppl_ratio: float | None = None, energy_budget: float | None = None,
                        calib_data: str | Path | None = None, calib_samples: int = 32, seq_len: int = 128, calib_stats: str | Path | None = None,
                        dtype: str | torch.dtype | None = None, seed: int = 0, overwrite: bool = False,
                        trust_remote_code: bool = False, finetune: bool = False, finetune_data: str | Path | None = None,
@@ -67,14 +67,15 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
 
     Options as `ann2snn.convert` and the `ann2snn convert` command; `overwrite` replaces an existing export or
     empty folder at `out` (nothing else). Returns a summary: out, model, recipe (as in snn_config.json),
-    range_steps (site → the high-order steps it got), site_timesteps (site → its T, where below the recipe's),
-    allocation (what the per-site allocation measured, or None), outliers_asked, calibration, resumed (what was resumed) and finetune (the fine-tune's figures, or None).
+    range_steps (site → the high-order steps it got), site_timesteps (site → its T, where not the recipe's), head
+    (how the spiking head's window was chosen, or None), allocation (what the per-site allocation measured, or None), outliers_asked, calibration, resumed (what was resumed) and finetune (the fine-tune's figures, or None).
     Under torchrun only the first process writes and returns the summary; the others return None.
     """
     out = Path(out)
     check_output(out, overwrite)
     options = dict(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom,
-                   outliers=None if outliers is None else tuple(outliers), range_steps=range_steps, levels=levels,
+                   outliers=None if outliers is None else tuple(outliers), range_steps=range_steps,
+                   head_steps=head_steps, levels=levels,
                    max_ppl_ratio=max_ppl_ratio, energy_budget=energy_budget)
     chosen = get_recipe(recipe).with_options(**{"level_allocation" if k == "levels" else k: v for k, v in options.items()})
     device_map = check_device_map(_process_device(device_map))
@@ -291,7 +292,8 @@ def _kept_on_interrupt(*paths: Path):
 
 def _summary(model, out: Path, meta: dict, outliers_asked, resumed: list[str], figures: dict | None) -> dict:
     return {"model": str(model), "out": str(out), "recipe": meta["recipe"], "range_steps": meta["range_steps"],
-            "site_timesteps": meta["site_timesteps"], "allocation": meta["allocation"], "outliers_asked": list(outliers_asked),
+            "site_timesteps": meta["site_timesteps"], "allocation": meta["allocation"], "head": meta.get("head"),
+            "outliers_asked": list(outliers_asked),
             "calibration": {k: v for k, v in meta["calibration"].items() if k not in ("fingerprint", WINDOWS)},
             "resumed": resumed, "finetune": figures}
 

@@ -77,7 +77,8 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
     Thresholds: an export whose rule and headroom are the recipe's level-table
     defaults at its own T is rebuilt with the table's defaults at `timesteps`
     (as `convert --timesteps` would choose them); any other rule and headroom are kept, and so is its
-    range-step option (an export from before range steps has none). Per-site levels ("auto") are allocated
+    range-step option (an export from before range steps has none) and its head-steps option (the head's window
+    measured again at `timesteps` with "auto"; an export from before it has its head at T). Per-site levels ("auto") are allocated
     again at `timesteps`, under the export's own budget (its max-ppl-ratio or energy-budget), on its saved
     calibration windows: the export's own allocation is for its own T.
     """
@@ -112,6 +113,7 @@ def rebuild_at(folder: str | Path, timesteps: int, seed: int = 0, device_map: st
     # from before them, or with uniform levels, stays uniform)
     snn = convert(ann, recipe=own, timesteps=timesteps, coding=options.get("coding"),
                   threshold=threshold, headroom=headroom, range_steps=options.get("range_steps", 0),
+                  head_steps=options.get("head_steps", 0),
                   levels=options.get("level_allocation") or "uniform", max_ppl_ratio=options.get("max_ppl_ratio"),
                   energy_budget=options.get("energy_budget"), statistics=statistics,
                   calibration_info=info, seed=seed, progress=False, **extra)

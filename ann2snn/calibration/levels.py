@@ -5,7 +5,10 @@ attention's q/k/v and softmax neurons) at T_s steps carries 2^(T_s+1)−1 levels
 (phase code). Sites differ by far in what their rounding does to the output and
 in what their spikes cost, so spending T (`--timesteps`) everywhere pays for
 levels where they do nothing. `allocate` gives each site a T_s in
-[MIN_TIMESTEPS, T] (range steps still go in front of it):
+[MIN_TIMESTEPS, its own T] (range steps still go in front of it). A site's own T
+is the recipe's, except the spiking head's input neuron, which may start above it
+(`calibration.head`): the allocation may lower the head like any site, never
+raise a site above where it started.
 
 1. **Effect on the output**, per site and candidate T_s, predicted from one
    pass with gradients over the first calibration windows (the ANN: spiking
@@ -24,7 +27,7 @@ levels where they do nothing. `allocate` gives each site a T_s in
    Synapsis it drives, its share of SNNMatmul's ACs and shifts (the other
    operand silent: its ACs separate exactly, its shifts are counted per
    operand, an upper bound of the union the report counts).
-3. **The path**: from every site at T, repeatedly lower the site whose next
+3. **The path**: from every site at its own T, repeatedly lower the site whose next
    step down (to whichever lower T_s is best) saves the most energy per unit of
    predicted loss; the allocations along the path only ever cost less energy
    and predict more loss, so a budget picks a prefix, and a tighter budget a
@@ -67,30 +70,30 @@ class Site:
 
     name: str
     neuron: SignedNeuron
-    settings: dict  # T → (code, Δ)
+    top: int  # the T it starts from: the recipe's, or the head's own (calibration/head.py)
+    settings: dict  # T → (code, Δ), for T from the fewest offered up to `top`
     consumers: list  # (kind, module or role): what its train drives
     loss: dict  # T → predicted loss increase (nats per token)
     energy: dict  # T → pJ per token, view (i)
 
 
 def allocate(model, ctx, windows: torch.Tensor) -> tuple[dict[str, int], dict | None]:
-    """Each site's T for the converted `model` (built by `ctx`, a `replace.BuildContext`, at the recipe's T), under
-    the recipe's budget; the model's neurons are left at that allocation. Returns (site → T, a summary)."""
+    """Each site's T for the converted `model` (built by `ctx`, a `replace.BuildContext`: each site at its own T,
+    `ctx.timesteps`, or the recipe's), under the recipe's budget; the model's neurons are left at that allocation.
+    Returns (site → T, a summary)."""
     recipe = ctx.recipe
-    top = recipe.timesteps
-    candidates = list(range(min(MIN_TIMESTEPS, top), top + 1))
     windows = windows[:WINDOWS]
-    sites = _sites(model, ctx, candidates)
+    sites = _sites(model, ctx)
     if not sites:
         return {}, None
-    _predict(model, sites, windows, candidates, EnergyModel())
-    path = _path(sites, top)
+    _predict(model, sites, windows, EnergyModel())
+    path = _path(sites)
     summary = {"sites": len(sites), "windows": int(windows.shape[0]), "path_length": len(path)}
     if recipe.energy_budget is not None:
-        chosen = _within_energy(model, sites, path, windows, recipe.energy_budget, top, summary)
+        chosen = _within_energy(model, sites, path, windows, recipe.energy_budget, summary)
     else:
-        chosen = _within_ratio(model, sites, path, windows, recipe.ppl_budget, top, summary)
-    allocation = _allocation(sites, path, chosen, top)
+        chosen = _within_ratio(model, sites, path, windows, recipe.ppl_budget, summary)
+    allocation = _allocation(sites, path, chosen)
     _recode(sites, allocation)
     summary.update(predicted_loss=path[chosen - 1][2] if chosen else 0.0,
                    energy_saved_pj_per_token=path[chosen - 1][3] if chosen else 0.0,
@@ -98,7 +101,7 @@ def allocate(model, ctx, windows: torch.Tensor) -> tuple[dict[str, int], dict | 
     return allocation, summary
 
 
-def _sites(model, ctx, candidates: list[int]) -> list[Site]:
+def _sites(model, ctx) -> list[Site]:
     readers: dict[SignedNeuron, list] = {}
     for module in model.modules():
         if isinstance(module, Synapsis):
@@ -109,24 +112,25 @@ def _sites(model, ctx, candidates: list[int]) -> list[Site]:
             readers.setdefault(module.softmax.neuron, []).append(("pv.a", module))
     sites = []
     for name, (neuron, rule) in ctx.neurons.items():
+        top = (ctx.timesteps or {}).get(name, ctx.recipe.timesteps)
         settings = {}
-        for t in candidates:
+        for t in range(min(MIN_TIMESTEPS, top), top + 1):
             code = ctx.code_for(name, t)
             # SNNSoftmax (no rule): clip 1 at any T, its exponentials' largest value
             delta = ctx.delta(name, rule, t) if rule is not None else code.delta_for(torch.tensor(1.0))
             settings[t] = (code, delta)
-        sites.append(Site(name, neuron, settings, readers.get(neuron, []), {}, {}))
+        sites.append(Site(name, neuron, top, settings, readers.get(neuron, []), {}, {}))
     return sites
 
 
-def _predict(model, sites: list[Site], windows: torch.Tensor, candidates: list[int], energy: EnergyModel) -> None:
+def _predict(model, sites: list[Site], windows: torch.Tensor, energy: EnergyModel) -> None:
     """Fill each site's `loss` and `energy` from one pass with gradients over `windows` (energies: the first
     ENERGY_WINDOWS of them)."""
     by_neuron = {site.neuron: site for site in sites}
     masks: dict[SpikingAttention, torch.Tensor | None] = {}
     counting = [True]
-    loss_sums = {site.name: dict.fromkeys(candidates, 0.0) for site in sites}
-    energy_sums = {site.name: dict.fromkeys(candidates, 0.0) for site in sites}
+    loss_sums = {site.name: dict.fromkeys(site.settings, 0.0) for site in sites}
+    energy_sums = {site.name: dict.fromkeys(site.settings, 0.0) for site in sites}
 
     def watch(neuron, args):
         x = args[0]
@@ -162,8 +166,8 @@ def _predict(model, sites: list[Site], windows: torch.Tensor, candidates: list[i
         model.zero_grad(set_to_none=True)
         set_simulation(model, "fast")
     for site in sites:
-        site.loss = {t: loss_sums[site.name][t] / scored for t in candidates}
-        site.energy = {t: energy_sums[site.name][t] / batches[0].numel() for t in candidates}
+        site.loss = {t: loss_sums[site.name][t] / scored for t in site.settings}
+        site.energy = {t: energy_sums[site.name][t] / batches[0].numel() for t in site.settings}
 
 
 def _add_loss_terms(site: Site, x: torch.Tensor, grad: torch.Tensor, sums: dict) -> None:
@@ -220,9 +224,9 @@ def _matmul_share(role: str, train: SpikeTrain, attention: SpikingAttention, mas
     return matmul_counts(train, silent((batch, kv_heads, keys, dim)), a_support=mask)
 
 
-def _path(sites: list[Site], top: int) -> list[tuple[int, int, float, float]]:
+def _path(sites: list[Site]) -> list[tuple[int, int, float, float]]:
     """The greedy moves (site index, its new T, predicted loss so far, energy saved so far), best saving per loss first."""
-    current = [top] * len(sites)
+    current = [site.top for site in sites]
     path, loss, saved = [], 0.0, 0.0
     while True:
         best = None
@@ -243,9 +247,9 @@ def _path(sites: list[Site], top: int) -> list[tuple[int, int, float, float]]:
         path.append((i, t, loss, saved))
 
 
-def _allocation(sites: list[Site], path: list, steps: int, top: int) -> dict[str, int]:
+def _allocation(sites: list[Site], path: list, steps: int) -> dict[str, int]:
     """Each site's T after the first `steps` moves of the path."""
-    allocation = {site.name: top for site in sites}
+    allocation = {site.name: site.top for site in sites}
     for i, t, _, _ in path[:steps]:
         allocation[sites[i].name] = t
     return allocation
@@ -257,18 +261,18 @@ def _recode(sites: list[Site], allocation: dict[str, int]) -> None:
         site.neuron.recode(code, delta)
 
 
-def _within_ratio(model, sites, path, windows, budget: float, top: int, summary: dict) -> int:
+def _within_ratio(model, sites, path, windows, budget: float, summary: dict) -> int:
     """The longest prefix of the path whose measured divergence stays within `budget` (bisection): both the PPL
     ratio and exp of the KL(ANN ‖ SNN) per token that the allocation adds to the uniform model's, on the calibration
     windows. The ratio alone can dip below 1 by chance on text the thresholds were fitted to; the KL cannot, and
     grows steadily along the path (the uniform model's own KL is left out: at T=8 on SmolLM2-135M it is above
     0.005 nats per token where its PPL ratio is 0.999)."""
     reference = Fidelity(model, windows)
-    _recode(sites, _allocation(sites, path, 0, top))
+    _recode(sites, _allocation(sites, path, 0))
     uniform_ratio, uniform_exp_kl = reference.measure(model)
 
     def measure(steps: int) -> tuple[float, float]:
-        _recode(sites, _allocation(sites, path, steps, top))
+        _recode(sites, _allocation(sites, path, steps))
         ratio, exp_kl = reference.measure(model)
         return ratio, exp_kl / uniform_exp_kl
 
@@ -286,18 +290,18 @@ def _within_ratio(model, sites, path, windows, budget: float, top: int, summary:
     return low
 
 
-def _within_energy(model, sites, path, windows, budget: float, top: int, summary: dict) -> int:
+def _within_energy(model, sites, path, windows, budget: float, summary: dict) -> int:
     """The shortest prefix of the path whose predicted SNN/ANN energy (view i) is within `budget`."""
     from ..report.run import build_report
 
-    _recode(sites, _allocation(sites, path, 0, top))
+    _recode(sites, _allocation(sites, path, 0))
     uniform = build_report(model, windows[:ENERGY_WINDOWS], progress=False)["energy"]
     tokens = windows[:ENERGY_WINDOWS].numel()
     predicted = [uniform["snn_pj"] / uniform["ann_pj"]] + [
         (uniform["snn_pj"] - saved * tokens) / uniform["ann_pj"] for _, _, _, saved in path]
     steps = next((k for k, value in enumerate(predicted) if value <= budget), len(path))
     reference = Fidelity(model, windows)
-    _recode(sites, _allocation(sites, path, steps, top))
+    _recode(sites, _allocation(sites, path, steps))
     ratio, exp_kl = reference.measure(model)
     summary.update(energy_budget=budget, predicted_snn_over_ann=predicted[steps], measured_ppl_ratio=ratio,
                    measured_exp_kl=exp_kl)

@@ -78,6 +78,9 @@ class Recipe:
     # head_rules say which module that is. Off: lm_head stays a float matmul.
     spiking_head: bool = False
     head_rules: tuple[Rule, ...] = ()
+    # Time steps of the head's input neuron beyond `timesteps` (calibration/head.py): "auto" (as many as the head's
+    # own measured effect on the calibration windows asks, up to head.MAX_EXTRA_STEPS) or a number (0: the head at T).
+    head_steps: str | int = 0
     float_operations: tuple[str, ...] = field(default_factory=tuple)  # what stays in floating point, for users
 
     @property
@@ -103,6 +106,8 @@ class Recipe:
             chosen["outliers"] = check_transforms(chosen["outliers"])
         if "range_steps" in chosen:
             chosen["range_steps"] = _check_range_steps(chosen["range_steps"])
+        if "head_steps" in chosen:
+            chosen["head_steps"] = _check_head_steps(chosen["head_steps"])
         if "level_allocation" in chosen and chosen["level_allocation"] not in LEVEL_ALLOCATIONS:
             raise ConfigError(f"levels must be one of {', '.join(LEVEL_ALLOCATIONS)}, got {chosen['level_allocation']!r}")
         for key in ("max_ppl_ratio", "energy_budget"):
@@ -173,6 +178,7 @@ class Recipe:
             "outliers": list(self.outliers),
             "share_inputs": self.share_inputs,
             "spiking_head": self.spiking_head,
+            "head_steps": self.head_steps,
             "rules": [dataclasses.asdict(rule) for rule in self.active_rules],
         }
 
@@ -186,4 +192,16 @@ def _check_range_steps(option) -> str | int:
     whole = isinstance(option, int) and not isinstance(option, bool) or isinstance(option, str) and option.isdigit()
     if not whole or not 0 <= int(option) <= MAX_RANGE_STEPS:
         raise ConfigError(f"range steps must be \"auto\" or a whole number from 0 to {MAX_RANGE_STEPS}, got {option!r}")
+    return int(option)
+
+
+def _check_head_steps(option) -> str | int:
+    """"auto", or a whole number of extra steps from 0 to head.MAX_EXTRA_STEPS (a CLI string is converted)."""
+    from ..calibration.head import MAX_EXTRA_STEPS
+
+    if option == "auto":
+        return option
+    whole = isinstance(option, int) and not isinstance(option, bool) or isinstance(option, str) and option.isdigit()
+    if not whole or not 0 <= int(option) <= MAX_EXTRA_STEPS:
+        raise ConfigError(f"head steps must be \"auto\" or a whole number from 0 to {MAX_EXTRA_STEPS}, got {option!r}")
     return int(option)

@@ -42,6 +42,11 @@ RECIPE = Recipe(
     # text (docs/method.md, benchmarks/spiking_head.py).
     head_rules=(Rule(r"lm_head", "Linear", "synapsis"),),
     spiking_head=True,
+    # Below T=8 the head's input neuron is what the spiking head costs (SmolLM2-135M at T=6: 1.0252 against a
+    # float head's 1.0204), and one more step there removes it: the head gets as many steps beyond T as its own
+    # measured effect on the calibration windows asks (calibration/head.py; docs/benchmarks.md, "The spiking
+    # head's window").
+    head_steps="auto",
     coding="phase",
     timesteps=8,
     # From benchmarks/outliers.py (README): below 511 levels (phase T < 8) the MSE clip search wins;

@@ -56,12 +56,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _own_windows(run: dict) -> str:
+    """The sites that fire another T than the run's: how many fewer (per-site levels), and which more (the head)."""
+    own = run.get("site_timesteps", {})
+    below = sum(t < run["timesteps"] for t in own.values())
+    notes = ([f"{below} sites fewer"] if below else []) + [f"{site} T={t}" for site, t in own.items() if t > run["timesteps"]]
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def _summary(report: dict) -> list[str]:
     rows = []
     for r in report["runs"]:
         e = r["energy"]
-        below = len(r.get("site_timesteps", {}))
-        levels = f"{r['levels']} ({below} sites fewer)" if below else str(r["levels"])
+        levels = str(r["levels"]) + _own_windows(r)
         rows.append([str(r["timesteps"]), levels, _f(r["ppl_ann"], 3), _f(r["ppl_snn"], 3),
                      _f(r["ppl_snn"] / r["ppl_ann"] if r["ppl_ann"] else float("nan")), _f(r["top1_agreement"]),
                      _f(r["totals"]["firing_rate"]), _energy(e["ann_pj_per_token"]), _energy(e["snn_pj_per_token"]),

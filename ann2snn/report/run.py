@@ -120,7 +120,8 @@ def build_report(model, windows: torch.Tensor, *, energy: EnergyModel | None = N
     return {
         "timesteps": recipe.get("timesteps"), "coding": recipe.get("coding"), "levels": recipe.get("levels"),
         "recipe": recipe.get("name"), "threshold": recipe.get("threshold"),
-        # per-site levels: the sites that fire fewer steps than T, and their T (counted as they fire)
+        # the sites that fire another T than the recipe's (per-site levels below it, the head's input neuron above
+        # it), and their T (counted as they fire)
         "level_allocation": recipe.get("level_allocation", "uniform"),
         "site_timesteps": dict(getattr(model, "ann2snn", {}).get("site_timesteps", {})),
         "finetuned": bool(getattr(model, "ann2snn", {}).get("finetune")),
