@@ -126,7 +126,8 @@ def _levels(summary: dict) -> str:
     found, recipe = summary["allocation"], summary["recipe"]
     if not found:
         return "uniform"
-    budget = (f"PPL ratio {found['measured_ppl_ratio']:.4f} on the calibration windows (≤ {found['max_ppl_ratio']:g})"
+    budget = (f"KL added on the calibration windows {found['added_kl']:.4f} nats per token (≤ {found['allowed_kl']:.4f}, "
+              f"for a PPL ratio ≤ {found['max_ppl_ratio']:g} on unlike text), PPL ratio {found['measured_ppl_ratio']:.4f} there"
               if "max_ppl_ratio" in found else
               f"predicted energy {found['predicted_snn_over_ann']:.3f} (≤ {found['energy_budget']:g}), PPL ratio "
               f"{found['measured_ppl_ratio']:.4f} on the calibration windows")

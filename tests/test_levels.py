@@ -1,13 +1,14 @@
 """Per-site levels: each site's T chosen from calibration under one budget; exports, step simulation and the report."""
 
 import json
+import math
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import ann2snn
-from ann2snn.calibration.levels import MIN_TIMESTEPS
+from ann2snn.calibration.levels import MIN_TIMESTEPS, UNIFORM_KL_FACTOR, UNLIKE_TEXT_MARGIN
 from ann2snn.convert import calibrate
 from ann2snn.cli import main
 from ann2snn.errors import CheckpointError, ConfigError
@@ -53,7 +54,7 @@ def test_every_site_gets_a_t_within_its_range_and_the_export_config_lists_them(m
     assert len(found) > 1  # mixed: some sites went below T, some did not
     listed = mixed.ann2snn["site_timesteps"]
     assert listed and all(MIN_TIMESTEPS <= t < T for t in listed.values())
-    assert mixed.ann2snn["allocation"]["measured_ppl_ratio"] <= LOOSE
+    assert mixed.ann2snn["allocation"]["added_kl"] <= mixed.ann2snn["allocation"]["allowed_kl"]
     assert mixed.ann2snn["recipe"]["level_allocation"] == "auto"
     # each listed site is one neuron (q_proj's site is the q/k/v group's shared neuron), at the listed T
     below = sorted(base_timesteps(n) for n in neurons(mixed).values() if base_timesteps(n) < T)
@@ -71,13 +72,25 @@ def test_a_tighter_budget_never_gives_less_energy(calibrated):
     saved = []
     for ratio in (1.0, 1.0001, LOOSE, 1.003, 2.0):
         summary = converted(calibrated, max_ppl_ratio=ratio).ann2snn["allocation"]
-        assert summary["measured_ppl_ratio"] <= ratio or summary["energy_saved_pj_per_token"] == 0
+        assert summary["added_kl"] <= summary["allowed_kl"]
         saved.append(summary["energy_saved_pj_per_token"])
     assert saved == sorted(saved) and saved[-1] > 0  # looser budgets save as much or more
     # an energy budget: the allocation's predicted SNN/ANN energy meets it, and a lower one saves more
     low, high = (converted(calibrated, energy_budget=e).ann2snn["allocation"] for e in (0.3, 0.9))
     assert low["energy_saved_pj_per_token"] >= high["energy_saved_pj_per_token"]
     assert high["predicted_snn_over_ann"] <= 0.9
+
+
+def test_the_allowed_kl_is_the_budget_over_the_margin_or_a_multiple_of_the_uniform_models_own(calibrated):
+    """On the calibration windows the allocation may add ln R / UNLIKE_TEXT_MARGIN nats per token (what it adds on
+    unlike text is a few times that), and never more than UNIFORM_KL_FACTOR × the uniform model's own KL."""
+    tight, loose = (converted(calibrated, max_ppl_ratio=r).ann2snn["allocation"] for r in (1.0002, 2.0))
+    assert tight["allowed_kl"] == pytest.approx(math.log(1.0002) / UNLIKE_TEXT_MARGIN)
+    assert tight["allowed_kl"] < UNIFORM_KL_FACTOR * tight["uniform_kl"]  # the margin binds
+    assert loose["allowed_kl"] == pytest.approx(UNIFORM_KL_FACTOR * loose["uniform_kl"])  # the uniform model's KL binds
+    for summary in (tight, loose):
+        assert 0 <= summary["added_kl"] <= summary["allowed_kl"]
+    assert 0 < tight["energy_saved_pj_per_token"] < loose["energy_saved_pj_per_token"]
 
 
 def test_step_simulation_equals_fast_with_mixed_timesteps(mixed):
