@@ -19,12 +19,11 @@ from ..transforms import check_transforms
 
 
 LEVEL_ALLOCATIONS = ("uniform", "auto")
-# The PPL ratio SNN/ANN (and added exp KL) on the calibration windows that level_allocation "auto" keeps to when not
-# told otherwise. Measured at T=8 on held-out text (benchmarks/levels.py; docs/method.md, "Per-site levels"): 1.005
-# left SmolLM2-135M above the energy target (0.406 SNN/ANN, before the KL guard, which only stops earlier),
-# 1.0075 meets it on both models (embedded model 0.347 @ PPL ratio 1.0052, SmolLM2-135M 0.370 @ 0.9958),
-# 1.01 costs the embedded model 1.0126. On text unlike the calibration text it gives up more (qwen2.py).
-DEFAULT_MAX_PPL_RATIO = 1.0075
+# What level_allocation "auto" may add to the PPL ratio SNN/ANN on text unlike the calibration text when not told
+# otherwise (calibration/levels.py: on the calibration windows it keeps the KL it adds within ln R / UNLIKE_TEXT_MARGIN,
+# and within UNIFORM_KL_FACTOR x the uniform model's own). Measured at T=8 (docs/benchmarks.md, "Per-site levels"):
+# embedded model 0.392 @ 0.9984 held-out / 1.0065 Moby-Dick; 1.0125 gives 0.382 but 1.0097 on Moby-Dick.
+DEFAULT_MAX_PPL_RATIO = 1.01
 
 
 @dataclass(frozen=True)
