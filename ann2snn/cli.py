@@ -44,7 +44,7 @@ def main():
               help="Time steps per site: uniform (recipe default: every site T, the head its own) or auto (each site "
                    "the fewest of 2..its T that keep the budget, measured on the calibration windows; lower energy, less margin on unlike text).")
 @click.option("--max-ppl-ratio", type=float, default=None,
-              help="Per-site levels (implies --levels auto): the PPL ratio SNN/ANN on the calibration windows to keep (default 1.0075).")
+              help="Per-site levels (implies --levels auto): what the PPL ratio SNN/ANN may gain on text unlike the calibration text (default 1.01; kept on the calibration windows as added KL, with a margin).")
 @click.option("--energy-budget", type=float, default=None,
               help="Per-site levels (implies --levels auto), instead of --max-ppl-ratio: the SNN/ANN energy (report view i) to reach.")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),

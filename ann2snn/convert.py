@@ -46,8 +46,9 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     gives the spiking lm_head's input neuron steps beyond `timesteps` (`ann2snn.calibration.head`).
 
     `levels` "auto" (opt-in; a budget implies it) gives each site the fewest time steps, at most `timesteps`,
-    that keep the PPL ratio SNN/ANN measured on the calibration windows within `max_ppl_ratio` (default
-    `recipe.base.DEFAULT_MAX_PPL_RATIO`), or that keep the SNN/ANN energy (view i) within `energy_budget`;
+    that keep what the PPL ratio SNN/ANN may gain on text unlike the calibration text within `max_ppl_ratio`
+    (default `recipe.base.DEFAULT_MAX_PPL_RATIO`; kept as the KL added on the calibration windows, with a
+    margin), or that keep the SNN/ANN energy (view i) within `energy_budget`;
     "uniform" (the default) gives every site `timesteps` (`ann2snn.calibration.levels`).
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe

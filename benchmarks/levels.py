@@ -1,16 +1,16 @@
 """Per-site levels against uniform ones: SNN/ANN energy (view i) and PPL ratio on held-out text, per budget.
 
-    python benchmarks/levels.py MODEL [--timesteps 8] [--budgets 1.005,1.0075,1.01] [--uniform 5,6,8]
-        [--data heldout.txt,unseen.txt] [--max-tokens 1024] [--calib-samples 16]
+    python benchmarks/levels.py MODEL [--timesteps 8] [--budgets 1.01,1.0125] [--uniform 8]
+        [--data heldout.txt,unseen.txt] [--max-tokens 1024] [--calib-samples 32]
 
 MODEL is a checkpoint folder or "qwen2-tiny". It calibrates once (on the bundled
-text, --calib-samples windows of 128 tokens, as benchmarks/energy.py does), then
+text, --calib-samples windows of 128 tokens, as `ann2snn convert` does), then
 converts at --timesteps with `--levels auto --max-ppl-ratio R` for each budget R
 and with uniform levels at each T of --uniform, and runs `ann2snn.report.build_report`
 (the step simulation, as `ann2snn report`) over the same windows of each --data
 file (bundled corpus names or paths). Each row: what the allocation measured on
-the calibration windows (PPL ratio, mean T over sites), then energy @ PPL ratio
-per text.
+the calibration windows (PPL ratio, the KL it added against the KL it was allowed,
+nats per token, mean T over sites), then energy @ PPL ratio per text.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("--timesteps", type=int, default=8)
-    p.add_argument("--budgets", default="1.005,1.0075,1.01", help="--max-ppl-ratio values, comma-separated")
+    p.add_argument("--budgets", default="1.01,1.0125", help="--max-ppl-ratio values, comma-separated")
     p.add_argument("--uniform", default="", help="T values converted with uniform levels, comma-separated")
     p.add_argument("--data", default="heldout.txt,unseen.txt")
     p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-samples", type=int, default=32)
     args = p.parse_args()
 
     ann, tokenizer = ann2snn.load_ann(args.model)
@@ -50,7 +50,7 @@ def main() -> None:
     settings = [(f"auto ≤ {b}", dict(max_ppl_ratio=float(b), timesteps=args.timesteps))
                 for b in args.budgets.split(",") if b]
     settings += [(f"uniform T={t}", dict(levels="uniform", timesteps=int(t))) for t in args.uniform.split(",") if t]
-    print(f"| levels | calibration windows: PPL ratio, mean T | convert s | "
+    print(f"| levels | calibration windows: PPL ratio, KL added ≤ allowed, mean T | convert s | "
           + " | ".join(f"{name}: energy @ PPL ratio" for name in texts) + " |")
     print("|---|---|---|" + "---|" * len(texts))
     for label, options in settings:
@@ -58,7 +58,8 @@ def main() -> None:
         snn = ann2snn.convert(copy.deepcopy(ann), statistics=statistics, calibration_info=info, progress=False, **options)
         seconds = time.monotonic() - started
         found = snn.ann2snn["allocation"]
-        measured = f"{found['measured_ppl_ratio']:.4f}, {found['mean_timesteps']:.2f}" if found else "–"
+        measured = (f"{found['measured_ppl_ratio']:.4f}, {found['added_kl']:.4f} ≤ {found['allowed_kl']:.4f}, "
+                    f"{found['mean_timesteps']:.2f}") if found else "–"
         cells = []
         for windows in texts.values():
             with torch.no_grad():

@@ -340,7 +340,7 @@ def test_a_fine_tune_that_does_not_help_on_the_holdout_is_undone(converted, monk
 def test_a_gap_within_the_noise_leaves_the_snn_unchanged_unless_forced():
     """qwen2-tiny at T=10 is within noise of its ANN on the holdout: nothing to fine-tune."""
     ann, tokenizer = ann2snn.load_ann("qwen2-tiny")
-    # uniform levels: per-site levels would spend T=10's margin on energy (to a PPL ratio of 1.0075)
+    # uniform levels: per-site levels would spend part of T=10's margin on energy
     snn = ann2snn.convert(ann, tokenizer, timesteps=10, levels="uniform", calib_samples=8, seq_len=SEQ, progress=False)
     original = {k: v.clone() for k, v in snn.state_dict().items()}
     figures = finetune(snn, tokenizer, TRAIN, steps=20, seq_len=SEQ, progress=False)
