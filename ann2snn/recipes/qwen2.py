@@ -57,8 +57,9 @@ RECIPE = Recipe(
     range_steps="auto",
     # One T at every site by default. Per-site levels ("auto", calibration/levels.py) bounded by the KL they add on
     # the calibration windows (ln 1.01 / 4) cut the SNN/ANN energy (view i) at T=8 on the embedded model from 0.49 to
-    # 0.39 at PPL ratio 1.0065 on Moby-Dick, but on Qwen2.5-0.5B unlike text costs 9x what calibration shows
-    # (code -> other code 1.0101 -> 1.0188 at T=8) and at T=16 the allocation ran out of memory
+    # 0.39 at PPL ratio 1.0065 on Moby-Dick, but on Qwen2.5-0.5B unlike text costs 9-30x what calibration shows
+    # (T=8: code -> other code 1.0101 -> 1.0188, English -> code 1.0029 -> 1.0714) and at T=16 the allocation ran
+    # out of memory
     # (docs/benchmarks.md, "Per-site levels"). Users opt in with --levels auto or a budget.
     level_allocation="uniform",
     # No attention sink by default: on SmolLM2-135M it keeps the perplexity but moves 11 % of the
