@@ -24,7 +24,7 @@ from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positi
 @click.option("--batch-size", type=int, default=4, show_default=True, callback=positive, help="Windows per batch.")
 @click.option("--seq-len", type=int, default=128, show_default=True, callback=positive, help="Tokens per window.")
 @click.option("--train-weights/--thresholds-only", default=True, show_default=True,
-              help="distill: train the Synapsis weights as well as the thresholds, or the thresholds only.")
+              help="train the Synapsis weights as well as the thresholds, or the thresholds only (both rules).")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, callback=positive,
               help="Steps between checkpoints (kept beside --out until the export is written).")
 @click.option("--resume", is_flag=True, hidden=True, help="No effect: a rerun with the same options always resumes.")

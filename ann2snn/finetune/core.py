@@ -73,9 +73,10 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     started = time.monotonic()
     _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resume, checkpoint_dir)
     Rule = LEARNING_RULES[rule]
-    if rule == "distill":  # distill's own options, kept as arguments of `finetune` and the CLI's flags
-        rule_options = {"train_weights": bool(train_weights), **({} if weight_lr is None else {"weight_lr": weight_lr}),
-                        **rule_options}
+    # options kept as arguments of `finetune` and the CLI's flags: both rules' train_weights, distill's weight_lr
+    rule_options = {"train_weights": bool(train_weights), **rule_options}
+    if rule == "distill" and weight_lr is not None:
+        rule_options = {"weight_lr": weight_lr, **rule_options}
     options = Rule.options_from(rule_options)
     neurons = calibrated_neurons(model, softmax=getattr(options, "softmax", False))
     if not neurons:

@@ -241,6 +241,7 @@ class StdpOptions:
     accumulate: int = 8  # batches whose traces make one update
     teacher: str = "local"  # where the desired post-synaptic output comes from (module docstring)
     normalise: str = "synapse"  # divide each trace by its pre-synaptic neuron's power, or ("layer") by the layer's
+    train_weights: bool = True  # False: the thresholds only (homeostatic and error-driven), the weights as converted
 
     def __post_init__(self):
         for name in ("a_plus", "a_minus", "beta", "baseline_decay", "anchor", "threshold_rate", "clip_rate"):
@@ -251,12 +252,18 @@ class StdpOptions:
             raise ConfigError(f"accumulate must be a positive integer, got {self.accumulate!r}")
         check_choice("teacher", self.teacher, TEACHERS)
         check_choice("normalise", self.normalise, NORMALISATIONS)
+        if not isinstance(self.train_weights, bool):
+            raise ConfigError("train_weights must be true or false")
 
 
 class Stdp(LearningRule):
     name = "stdp"
     Options = StdpOptions
     default_lr = 4.0
+
+    @staticmethod
+    def changes_weights(options: StdpOptions) -> bool:
+        return options.train_weights
 
     def __init__(self, model, options: StdpOptions, **common):
         super().__init__(model, options, **common)
@@ -345,11 +352,13 @@ class Stdp(LearningRule):
 
             def trace(m, args, out, name):
                 if self.options.teacher == "local":  # y* = W₀·x + b: the converted weights on this layer's own float input
-                    target = F.linear(args[0].detach(), self.originals[f"{name}.synapse.weight"], m.synapse.bias)
+                    converted = self.originals[f"{name}.synapse.weight"] if self.originals else m.synapse.weight
+                    target = F.linear(args[0].detach(), converted, m.synapse.bias)
                 else:
                     target = targets.pop(name)
                 train, error = pre.pop(name), target - out.detach()
-                traces[name] = self.eligibility(train, error, m.neuron.code)
+                if self.options.train_weights:
+                    traces[name] = self.eligibility(train, error, m.neuron.code)
                 if self.options.clip_rate and id(m.neuron) in neuron_name:
                     back = error.float() @ m.synapse.weight.float()  # the teaching current, fed back through W
                     # a shared input neuron (q/k/v, gate/up) is taught by the sum of what its readers feed back
@@ -407,7 +416,7 @@ class Stdp(LearningRule):
         n = self.pending
         changes, factors = {}, {}
         with torch.no_grad():
-            for name, syn in self.synapses:
+            for name, syn in self.synapses if self.options.train_weights else ():
                 change = self.trace[name] / max(self.gate_sum, 1e-12)  # the gate-weighted mean of the batches' Ê
                 if self.options.anchor:
                     weight = syn.synapse.weight.float()
@@ -426,7 +435,7 @@ class Stdp(LearningRule):
 
         # 5. apply it; early stopping: remember the state with the lowest KL on the holdout's selection half
         with torch.no_grad():
-            for name, syn in self.synapses:
+            for name, syn in self.synapses if self.options.train_weights else ():
                 syn.synapse.weight.add_((self.lr * changes[name]).to(syn.synapse.weight.dtype))
             neurons = dict(self.neurons)
             for name, factor in factors.items():
@@ -438,7 +447,8 @@ class Stdp(LearningRule):
 
     def _state(self) -> dict:
         """The weights and thresholds the rule changes, on the CPU."""
-        return {"weights": {name: s.synapse.weight.detach().cpu().clone() for name, s in self.synapses},
+        return {"weights": {name: s.synapse.weight.detach().cpu().clone() for name, s in self.synapses
+                            if self.options.train_weights},
                 "deltas": {name: n.delta.detach().cpu().clone() for name, n in self.neurons}}
 
     def _load_state(self, state: dict) -> None:
