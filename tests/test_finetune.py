@@ -219,8 +219,10 @@ def test_stdp_keeps_updates_that_help_on_the_holdout_and_never_grows_the_gap(con
         assert figures["fall_nats"] > figures["fall_noise_nats"] and figures["mean_abs_dw"] > 0
 
 
-def test_stdp_ends_in_the_state_that_did_best_on_the_selection_half(converted, monkeypatch):
-    """Every update is applied; the run ends where the holdout's selection half had its lowest KL (early stopping)."""
+@pytest.mark.parametrize("options", [{}, {"train_weights": False, "clip_rate": 0.2}], ids=["weights", "thresholds"])
+def test_stdp_learns_and_ends_in_the_state_that_did_best_on_the_selection_half(converted, monkeypatch, options):
+    """Every update is applied; the run ends where the holdout's selection half had its lowest KL (early stopping),
+    and that KL is lower than the converted SNN's: the rule learns (weights and thresholds, or thresholds only)."""
     from ann2snn.finetune import core, holdout as holdout_module
 
     snn, tokenizer, _, _ = converted
@@ -235,12 +237,16 @@ def test_stdp_ends_in_the_state_that_did_best_on_the_selection_half(converted, m
     monkeypatch.setattr(holdout_module.Holdout, "evaluate", recording)
     monkeypatch.setattr(core, "improvement", lambda after, before: (1.0, 0.0))  # keep the run, whatever the deciding half says
     model = _copy(snn)
-    figures = finetune(model, tokenizer, TRAIN, rule="stdp", steps=24, seq_len=SEQ, progress=False)  # 3 updates
+    figures = finetune(model, tokenizer, TRAIN, rule="stdp", steps=24, seq_len=SEQ, progress=False, **options)  # 3 updates
     select, kls = max(seen.values(), key=lambda entry: len(entry[1]))  # the selection half: measured after every update
     assert len(kls) == 1 + 3  # the converted state, then each update
     best = min(range(len(kls)), key=kls.__getitem__)
     assert figures["updates_kept"] == best and figures["updates_undone"] == 3 - best
     assert real_evaluate(select).kl == pytest.approx(kls[best], abs=1e-7)  # the model is in that state
+    assert kls[best] < 0.985 * kls[0], kls  # measured: 0.969 (weights and thresholds), 0.943 (thresholds only)
+    converted_weights = synaptic_parameters(snn)
+    weights_moved = any(not torch.equal(p, converted_weights[name]) for name, p in synaptic_parameters(model).items())
+    assert weights_moved is options.get("train_weights", True) and figures["thresholds_changed"] > 0
 
 
 @pytest.mark.parametrize("teacher", ["local", "network"])
