@@ -85,15 +85,15 @@ current if the batch held that token alone; averaged over many, differing
 tokens the step is far smaller. Why per neuron: averaged over a batch, the
 update contracts the error along each eigenvector k of the inputs'
 correlation by 1 − η·λ_k/(normaliser), so it is stable only while η·λ_max
-stays below twice the normaliser. On qwen2-tiny λ_max is 13–36 % of the trace
-mean‖x̂‖² (phase, T = 4, 4×128 tokens), but on SmolLM2-135M, whose residual
-stream carries a few huge channels, 61–85 % for q/k/v, up to 69 % for gate/up
-and up to 99.9 % for down_proj: with the layer's normaliser the steps that
-suited qwen2-tiny overshoot along that one direction and the held-out KL rose
-from the third update on (measured). Divided by each input's power, the
-largest eigenvalue of the inputs' correlation matrix (normalised to unit
-diagonal) is 12–19 % of d on qwen2-tiny and 10–35 % on SmolLM2: one η suits
-both (tested on a made-up layer with one huge input, where the layer's
+stays below twice the normaliser. Measured on the Synapsis inputs (phase,
+T = 4, 4×128 tokens of train.txt), λ_max is at most 36 % of the trace (the
+layer's mean‖x‖²) on qwen2-tiny, but on SmolLM2-135M, whose residual stream
+carries a few huge channels, up to 85 % for q/k/v, 69 % for gate/up and 99.9 %
+for down_proj: with the layer's normaliser the steps that suited qwen2-tiny
+overshoot along that one direction, and the held-out KL rose from the third
+update on. Divided by each input's power (the correlation matrix, unit
+diagonal), λ_max is at most 19 % of d on qwen2-tiny and 35 % on SmolLM2: one η
+suits both (tested on a made-up layer with one huge input, where the layer's
 normaliser diverges and the neuron's converges).
 
 Global modulation. With L_b the batch's task loss (KL of the SNN from the ANN,
