@@ -219,7 +219,7 @@ def test_stdp_keeps_updates_that_help_on_the_holdout_and_never_grows_the_gap(con
         assert figures["fall_nats"] > figures["fall_noise_nats"] and figures["mean_abs_dw"] > 0
 
 
-@pytest.mark.parametrize("options", [{}, {"train_weights": False, "clip_rate": 0.2}], ids=["weights", "thresholds"])
+@pytest.mark.parametrize("options", [{}, {"train_weights": False}], ids=["weights", "thresholds"])
 def test_stdp_learns_and_ends_in_the_state_that_did_best_on_the_selection_half(converted, monkeypatch, options):
     """Every update is applied; the run ends where the holdout's selection half had its lowest KL (early stopping),
     and that KL is lower than the converted SNN's: the rule learns (weights and thresholds, or thresholds only)."""
@@ -243,7 +243,7 @@ def test_stdp_learns_and_ends_in_the_state_that_did_best_on_the_selection_half(c
     best = min(range(len(kls)), key=kls.__getitem__)
     assert figures["updates_kept"] == best and figures["updates_undone"] == 3 - best
     assert real_evaluate(select).kl == pytest.approx(kls[best], abs=1e-7)  # the model is in that state
-    assert kls[best] < 0.985 * kls[0], kls  # measured: 0.969 (weights and thresholds), 0.943 (thresholds only)
+    assert kls[best] < 0.97 * kls[0], kls  # measured: 0.891 (weights and thresholds), 0.943 (thresholds only)
     converted_weights = synaptic_parameters(snn)
     weights_moved = any(not torch.equal(p, converted_weights[name]) for name, p in synaptic_parameters(model).items())
     assert weights_moved is options.get("train_weights", True) and figures["thresholds_changed"] > 0

@@ -145,7 +145,7 @@ the layer's own error ½‖e_p‖² in log Δ_c; over the N tokens of the update
 
 The factor is mean(a)/rms(a) ∈ [−1, 1]: near ±1 when the tokens agree on the
 direction, about 1/√N when they do not, so a threshold moves (at most by η_c,
-``clip_rate``, default 5 %) only as far as the text consistently asks — a
+``clip_rate``, default 20 %) only as far as the text consistently asks — a
 decorrelated, bounded step rather than one that follows the noise of one text.
 
 Early stopping on held-out text. Every update is applied as it comes — the
@@ -236,7 +236,7 @@ class StdpOptions:
     baseline_decay: float = 0.1  # α, the loss baseline's moving-average rate
     anchor: float = 0.0  # λ, the pull towards the converted weights W₀
     threshold_rate: float = 0.01  # η_θ, homeostatic threshold rate (0: no homeostasis)
-    clip_rate: float = 0.05  # η_c, error-driven threshold rate of the Synapsis input neurons (0: off)
+    clip_rate: float = 0.2  # η_c, error-driven threshold rate of the Synapsis input neurons (0: off)
     target_rate: float | None = None  # one target firing rate for every neuron (None: each channel's ANN-driven rate)
     accumulate: int = 8  # batches whose traces make one update
     teacher: str = "local"  # where the desired post-synaptic output comes from (module docstring)
