@@ -15,7 +15,8 @@ default the bundled training text); then each rule fine-tunes its own copy of
 that SNN with each seed (the batch order) on the first --train-chars characters
 of --train (default the bundled training text, Jane Austen), with `finetune`'s
 defaults (``distill``: thresholds and weights; ``distill-thresholds``:
-``train_weights=False``): the last tenth of
+``train_weights=False``; ``stdp``: weights and thresholds, ``stdp-thresholds``: the
+thresholds only): the last tenth of
 those windows is the holdout that decides whether to fine-tune at all and
 whether to keep the result. Figures are measured on text no stage ever saw, in
 non-overlapping windows of --seq-len tokens, at most --max-eval-tokens each,
@@ -52,7 +53,8 @@ from ann2snn.evaluate import logits_over  # noqa: E402
 from ann2snn.finetune import HoldoutWarning, finetune  # noqa: E402
 from ann2snn.finetune.holdout import noise  # noqa: E402
 
-RULES = {"distill": ("distill", {}), "distill-thresholds": ("distill", {"train_weights": False}), "stdp": ("stdp", {})}
+RULES = {"distill": ("distill", {}), "distill-thresholds": ("distill", {"train_weights": False}), "stdp": ("stdp", {}),
+         "stdp-thresholds": ("stdp", {"train_weights": False})}
 
 
 def text_path(name: str) -> Path:

@@ -26,7 +26,7 @@ from .ste import calibrated_neurons
 LEARNING_RULES = {rule.name: rule for rule in (Distill, Stdp)}
 RULES = tuple(LEARNING_RULES)
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
-CHECKPOINT_FORMAT = 4  # 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped
+CHECKPOINT_FORMAT = 5  # 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped; 5: stdp's gate sum
 
 
 def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, lr: float | None = None,
@@ -43,7 +43,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     `ann2snn.finetune.stdp`). `rule_options` are the fields of the rule's
     options dataclass (`DistillOptions`, `StdpOptions`); unknown ones are refused.
     `lr`: the rule's rate (distill: Adam on log-thresholds, default 3e-2, on a
-    cosine schedule over `steps`; stdp: η, default 8).
+    cosine schedule over `steps`; stdp: η, default 4).
 
     The texts are cut into windows of `seq_len` tokens (`max_tokens` caps the
     text used). `holdout` is the text that decides (see
@@ -73,9 +73,10 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     started = time.monotonic()
     _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resume, checkpoint_dir)
     Rule = LEARNING_RULES[rule]
-    if rule == "distill":  # distill's own options, kept as arguments of `finetune` and the CLI's flags
-        rule_options = {"train_weights": bool(train_weights), **({} if weight_lr is None else {"weight_lr": weight_lr}),
-                        **rule_options}
+    # options kept as arguments of `finetune` and the CLI's flags: both rules' train_weights, distill's weight_lr
+    rule_options = {"train_weights": bool(train_weights), **rule_options}
+    if rule == "distill" and weight_lr is not None:
+        rule_options = {"weight_lr": weight_lr, **rule_options}
     options = Rule.options_from(rule_options)
     neurons = calibrated_neurons(model, softmax=getattr(options, "softmax", False))
     if not neurons:

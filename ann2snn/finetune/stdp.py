@@ -71,11 +71,30 @@ Counting a token's own pairs only, with a flat window (δ ≡ 1), E = Σ_p e_p x
 the local delta rule that makes the layer reproduce its ANN output from its
 quantised input (tested). The exponential window weighs pairs by their distance
 in time, and the next-token pairs add what a streamed network would also see.
-E is normalised per layer as in normalised LMS, Ê = E / (N·mean δ_own·mean_p‖x̂_p‖²)
-(N tokens, mean δ_own the mean window weight of the causal pairs), so η is in
-units of the normalised-LMS step whatever the layer's scale: η = 1 would remove
-one token's whole teaching current if the batch held that token alone; averaged
-over many, differing tokens the step is far smaller (hence the default η = 8).
+E is normalised per pre-synaptic neuron (``normalise="synapse"``, the default):
+
+    Ê_ji = E_ji / (N·mean δ_own·d·P_i),   P_i = mean_p x̂_pi²
+
+(N tokens, mean δ_own the mean window weight of the causal pairs, d the
+layer's fan-in, P_i the power of pre-synaptic neuron i over the batch), an LMS
+step preconditioned by each input's own power, which every synapse can keep
+track of. When all inputs have the same power this is normalised LMS,
+Ê = E / (N·mean δ_own·mean_p‖x̂_p‖²) (``normalise="layer"``, the rule before
+issue 19's third round), and η = 1 would remove one token's whole teaching
+current if the batch held that token alone; averaged over many, differing
+tokens the step is far smaller. Why per neuron: averaged over a batch, the
+update contracts the error along each eigenvector k of the inputs'
+correlation by 1 − η·λ_k/(normaliser), so it is stable only while η·λ_max
+stays below twice the normaliser. Measured on the Synapsis inputs (phase,
+T = 4, 4×128 tokens of train.txt), λ_max is at most 36 % of the trace (the
+layer's mean‖x‖²) on qwen2-tiny, but on SmolLM2-135M, whose residual stream
+carries a few huge channels, up to 85 % for q/k/v, 69 % for gate/up and 99.9 %
+for down_proj: with the layer's normaliser the steps that suited qwen2-tiny
+overshoot along that one direction, and the held-out KL rose from the third
+update on. Divided by each input's power (the correlation matrix, unit
+diagonal), λ_max is at most 19 % of d on qwen2-tiny and 35 % on SmolLM2: one η
+suits both (tested on a made-up layer with one huge input, where the layer's
+normaliser diverges and the neuron's converges).
 
 Global modulation. With L_b the batch's task loss (KL of the SNN from the ANN,
 as `distill`) and L̄ its moving average (L̄ ← (1−α)L̄ + αL_b, started at the
@@ -90,14 +109,19 @@ Weight update. The eligibility traces integrate the gated Ê of ``accumulate``
 batches (default 8; one batch's tokens are too few to estimate a trace per
 synapse), then, per synapse,
 
-    W ← W + η·( (1/n)·Σ_b G_b·Ê_b − λ·(W − W₀) )
+    W ← W + η·( Σ_b G_b·Ê_b / Σ_b G_b − λ·(W − W₀) )
 
-and the traces restart from zero. The "−w" term of the published rule becomes a
-pull towards the converted weights W₀ (λ = ``anchor``, default 0): a decay
-towards zero would erase the pretrained network. The default η = 8 (≈ 4 after
-the gate's typical 1/2) was chosen on qwen2-tiny: with traces over 8+ batches,
-η·G between 2 and 4 lowers the held-out KL most, below 1 the change drowns in
-the rounding noise of the quantised network; at phase T = 4, η = 32 diverges.
+and the traces restart from zero: the gate weighs the batches against each
+other, η alone sets how far an update goes (before issue 19's third round the
+sum was divided by n, so an update's step was η times the mean gate, which a
+run's first batches, measured against a baseline of one batch, pulled down to
+0.1–0.3 on SmolLM2 and later ones up to 0.6). The "−w" term of the published
+rule becomes a pull towards the converted weights W₀ (λ = ``anchor``, default
+0): a decay towards zero would erase the pretrained network. The default η = 4
+is the step that suited qwen2-tiny before (η = 8 times its mean gate of 0.5:
+with traces over 8+ batches, η·G between 2 and 4 lowered the held-out KL most,
+below 1 the change drowned in the rounding noise of the quantised network, and
+at phase T = 4 η·G = 16 diverged).
 
 Homeostatic thresholds. At the same update, each calibrated neuron's firing
 rate r_c (mean over tokens and steps of |s|, averaged over the batches) is
@@ -121,7 +145,7 @@ the layer's own error ½‖e_p‖² in log Δ_c; over the N tokens of the update
 
 The factor is mean(a)/rms(a) ∈ [−1, 1]: near ±1 when the tokens agree on the
 direction, about 1/√N when they do not, so a threshold moves (at most by η_c,
-``clip_rate``, default 5 %) only as far as the text consistently asks — a
+``clip_rate``, default 20 %) only as far as the text consistently asks — a
 decorrelated, bounded step rather than one that follows the noise of one text.
 
 Early stopping on held-out text. Every update is applied as it comes — the
@@ -162,6 +186,7 @@ from .ste import calibrated_neurons
 
 
 TEACHERS = ("local", "network")  # where the post-synaptic "desired" output comes from (module docstring)
+NORMALISATIONS = ("synapse", "layer")  # what a trace is divided by (module docstring)
 
 
 def stdp_window(code: SpikeCode, a_plus: float, a_minus: float, tau_plus: float, tau_minus: float):
@@ -211,10 +236,12 @@ class StdpOptions:
     baseline_decay: float = 0.1  # α, the loss baseline's moving-average rate
     anchor: float = 0.0  # λ, the pull towards the converted weights W₀
     threshold_rate: float = 0.01  # η_θ, homeostatic threshold rate (0: no homeostasis)
-    clip_rate: float = 0.05  # η_c, error-driven threshold rate of the Synapsis input neurons (0: off)
+    clip_rate: float = 0.2  # η_c, error-driven threshold rate of the Synapsis input neurons (0: off)
     target_rate: float | None = None  # one target firing rate for every neuron (None: each channel's ANN-driven rate)
     accumulate: int = 8  # batches whose traces make one update
     teacher: str = "local"  # where the desired post-synaptic output comes from (module docstring)
+    normalise: str = "synapse"  # divide each trace by its pre-synaptic neuron's power, or ("layer") by the layer's
+    train_weights: bool = True  # False: the thresholds only (homeostatic and error-driven), the weights as converted
 
     def __post_init__(self):
         for name in ("a_plus", "a_minus", "beta", "baseline_decay", "anchor", "threshold_rate", "clip_rate"):
@@ -224,12 +251,19 @@ class StdpOptions:
         if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
             raise ConfigError(f"accumulate must be a positive integer, got {self.accumulate!r}")
         check_choice("teacher", self.teacher, TEACHERS)
+        check_choice("normalise", self.normalise, NORMALISATIONS)
+        if not isinstance(self.train_weights, bool):
+            raise ConfigError("train_weights must be true or false")
 
 
 class Stdp(LearningRule):
     name = "stdp"
     Options = StdpOptions
-    default_lr = 8.0
+    default_lr = 4.0
+
+    @staticmethod
+    def changes_weights(options: StdpOptions) -> bool:
+        return options.train_weights
 
     def __init__(self, model, options: StdpOptions, **common):
         super().__init__(model, options, **common)
@@ -239,6 +273,7 @@ class Stdp(LearningRule):
         self.clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # Σa, Σa² per Synapsis input neuron
         self.tokens = 0  # tokens in the pending batches
         self.pending = 0
+        self.gate_sum = 0.0  # Σ G_b over the pending batches
         self.synapses = synapses(model)
         self.neurons = calibrated_neurons(model)
         self.baseline: float | None = None
@@ -278,7 +313,10 @@ class Stdp(LearningRule):
         filtered = torch.einsum("ab,bnsi->ansi", own, x) + torch.einsum("ab,bnsi->ansi", nxt, x_next)
         trace = post.reshape(-1, post.shape[-1]).t() @ filtered.reshape(-1, filtered.shape[-1])
         tokens = error.numel() // error.shape[-1]
-        power = x.sum(0).pow(2).sum(-1).mean().clamp_min(1e-30)
+        if self.options.normalise == "layer":  # mean_p ‖x̂_p‖², one figure for the layer
+            power = x.sum(0).pow(2).sum(-1).mean().clamp_min(1e-30)
+        else:  # d·mean_p x̂_pi², one figure per pre-synaptic neuron i
+            power = x.shape[-1] * x.sum(0).pow(2).reshape(-1, x.shape[-1]).mean(0).clamp_min(1e-30)
         return trace / (tokens * own.mean() * power)
 
     def collect(self, ids: torch.Tensor):
@@ -314,11 +352,13 @@ class Stdp(LearningRule):
 
             def trace(m, args, out, name):
                 if self.options.teacher == "local":  # y* = W₀·x + b: the converted weights on this layer's own float input
-                    target = F.linear(args[0].detach(), self.originals[f"{name}.synapse.weight"], m.synapse.bias)
+                    converted = self.originals[f"{name}.synapse.weight"] if self.originals else m.synapse.weight
+                    target = F.linear(args[0].detach(), converted, m.synapse.bias)
                 else:
                     target = targets.pop(name)
                 train, error = pre.pop(name), target - out.detach()
-                traces[name] = self.eligibility(train, error, m.neuron.code)
+                if self.options.train_weights:
+                    traces[name] = self.eligibility(train, error, m.neuron.code)
                 if self.options.clip_rate and id(m.neuron) in neuron_name:
                     back = error.float() @ m.synapse.weight.float()  # the teaching current, fed back through W
                     # a shared input neuron (q/k/v, gate/up) is taught by the sum of what its readers feed back
@@ -360,6 +400,7 @@ class Stdp(LearningRule):
             old = self.clips.get(name, (0.0, 0.0))
             self.clips[name] = (old[0] + gate * first, old[1] + gate * gate * second)
         self.tokens += ids.numel()
+        self.gate_sum += gate
         for name, value in rates.items():
             self.rates[name] = value if name not in self.rates else self.rates[name] + value
             self.targets[name] = target_rates[name] if name not in self.targets else self.targets[name] + target_rates[name]
@@ -375,8 +416,8 @@ class Stdp(LearningRule):
         n = self.pending
         changes, factors = {}, {}
         with torch.no_grad():
-            for name, syn in self.synapses:
-                change = self.trace[name] / n
+            for name, syn in self.synapses if self.options.train_weights else ():
+                change = self.trace[name] / max(self.gate_sum, 1e-12)  # the gate-weighted mean of the batches' Ê
                 if self.options.anchor:
                     weight = syn.synapse.weight.float()
                     change = change - self.options.anchor * (weight - self.originals[f"{name}.synapse.weight"].float())
@@ -390,11 +431,11 @@ class Stdp(LearningRule):
             for name, (first, second) in self.clips.items():
                 agreement = first / (second * self.tokens).sqrt().clamp_min(1e-30)  # mean(a)/rms(a), in [−1, 1]
                 factors[name] = factors.get(name, 0.0) + self.options.clip_rate * agreement
-        self.trace, self.rates, self.targets, self.clips, self.pending, self.tokens = {}, {}, {}, {}, 0, 0
+        self.trace, self.rates, self.targets, self.clips, self.pending, self.tokens, self.gate_sum = {}, {}, {}, {}, 0, 0, 0.0
 
         # 5. apply it; early stopping: remember the state with the lowest KL on the holdout's selection half
         with torch.no_grad():
-            for name, syn in self.synapses:
+            for name, syn in self.synapses if self.options.train_weights else ():
                 syn.synapse.weight.add_((self.lr * changes[name]).to(syn.synapse.weight.dtype))
             neurons = dict(self.neurons)
             for name, factor in factors.items():
@@ -406,7 +447,8 @@ class Stdp(LearningRule):
 
     def _state(self) -> dict:
         """The weights and thresholds the rule changes, on the CPU."""
-        return {"weights": {name: s.synapse.weight.detach().cpu().clone() for name, s in self.synapses},
+        return {"weights": {name: s.synapse.weight.detach().cpu().clone() for name, s in self.synapses
+                            if self.options.train_weights},
                 "deltas": {name: n.delta.detach().cpu().clone() for name, n in self.neurons}}
 
     def _load_state(self, state: dict) -> None:
@@ -424,7 +466,7 @@ class Stdp(LearningRule):
             **self._state(),
             "trace": cpu(self.trace), "rates": cpu(self.rates), "targets": cpu(self.targets), "pending": self.pending,
             "clips": {name: [v.detach().cpu().clone() for v in pair] for name, pair in self.clips.items()},
-            "tokens": self.tokens,
+            "tokens": self.tokens, "gate_sum": self.gate_sum,
             "baseline": self.baseline, "best": vars(self.best), "best_state": self.best_state,
             "best_update": self.best_update, "updates": self.updates, "gates": list(self.gates),
         }
@@ -437,7 +479,7 @@ class Stdp(LearningRule):
         self.targets = {name: value.to(device) for name, value in state["targets"].items()}
         self.pending = state["pending"]
         self.clips = {name: tuple(v.to(device) for v in pair) for name, pair in state["clips"].items()}
-        self.tokens = state["tokens"]
+        self.tokens, self.gate_sum = state["tokens"], state["gate_sum"]
         self.baseline, self.best, self.best_state = state["baseline"], HoldoutFigures(**state["best"]), state["best_state"]
         self.best_update, self.updates, self.gates = state["best_update"], state["updates"], list(state["gates"])
 
