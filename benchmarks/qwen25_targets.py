@@ -119,7 +119,8 @@ def main(argv=None) -> int:
             print(f"| {row['timesteps']} | {calibration} | {row['data']} | {summary['threshold']} ×{summary['headroom']:g} | "
                   f"{len(ranged)} sites, +{max(ranged.values(), default=0)} | {row['ratio']:.4f} | {100 * row['top1']:.1f} % | "
                   f"{verdict(row['ratio'], target)} |", flush=True)
-            if "step_ratio" in row:
+            if "step_ratio" in row:  # printed now too: a later T may run out of memory
+                print(f"  step simulation / bound: {row['step_ratio']:.4f} (±{100 * row['step_se']:.2f} %)", flush=True)
                 steps.append(row)
     if steps:
         print("\n| T | step simulation / bound (code → code) | standard error | target |\n|---|---|---|---|")
