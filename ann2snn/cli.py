@@ -41,10 +41,10 @@ def main():
               help="Time steps of the spiking lm_head's input neuron beyond --timesteps: auto (recipe default: as many "
                    "as its measured effect on the calibration windows asks, up to 3) or a number from 0 to 3.")
 @click.option("--levels", type=click.Choice(["auto", "uniform"]), default=None,
-              help="Time steps per site: uniform (recipe default: every site T, the head its own) or auto (each site "
-                   "the fewest of 2..its T that keep the budget, measured on the calibration windows; lower energy, less margin on unlike text).")
+              help="Time steps per site: auto (recipe default: each site the fewest of 2..its T that keep the budget, "
+                   "measured on the calibration windows and a bundled probe text of code and logs) or uniform (every site T, the head its own).")
 @click.option("--max-ppl-ratio", type=float, default=None,
-              help="Per-site levels (implies --levels auto): what the PPL ratio SNN/ANN may gain on text unlike the calibration text (default 1.01; kept on the calibration windows as added KL, with a margin).")
+              help="Per-site levels (implies --levels auto): what the PPL ratio SNN/ANN may gain on text unlike the calibration text (default 1.01; kept on the calibration and probe windows as added KL, with a margin).")
 @click.option("--energy-budget", type=float, default=None,
               help="Per-site levels (implies --levels auto), instead of --max-ppl-ratio: the SNN/ANN energy (report view i) to reach.")
 @click.option("--outliers", default=None, callback=lambda c, p, v: None if v is None else tuple(x for x in v.split(",") if x and x != "none"),
@@ -126,9 +126,10 @@ def _levels(summary: dict) -> str:
     found, recipe = summary["allocation"], summary["recipe"]
     if not found:
         return "uniform"
-    budget = (f"KL added on the calibration windows {found['added_kl']:.4f} nats per token (≤ {found['allowed_kl']:.4f}, "
-              f"for a PPL ratio ≤ {found['max_ppl_ratio']:g} on unlike text), PPL ratio {found['measured_ppl_ratio']:.4f} there"
-              if "max_ppl_ratio" in found else
+    budget = (f"for a PPL ratio ≤ {found['max_ppl_ratio']:g} on unlike text, KL added per token " + ", ".join(
+              f"on the {name} windows {text['added_kl']:.4f} nats (≤ {text['allowed_kl']:.4f}, PPL ratio "
+              f"{text['measured_ppl_ratio']:.4f} there)" for name, text in (("calibration", found), ("probe", found.get("probe")))
+              if text) if "max_ppl_ratio" in found else
               f"predicted energy {found['predicted_snn_over_ann']:.3f} (≤ {found['energy_budget']:g}), PPL ratio "
               f"{found['measured_ppl_ratio']:.4f} on the calibration windows")
     below = [t for t in summary["site_timesteps"].values() if t < recipe["timesteps"]]

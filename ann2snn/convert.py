@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .attention_sink import attached, compute_sinks, resolve_outliers
-from .calibration.calibrate import WINDOWS, collect_statistics, load_statistics
-from .calibration.data import calibration_windows
+from .calibration.calibrate import PROBE, WINDOWS, collect_statistics, load_statistics
+from .calibration.data import calibration_windows, probe_windows
 from .calibration.head import fit_head
 from .calibration.thresholds import range_steps
 from .recipes import check_supported, get_recipe
@@ -45,11 +45,11 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     phase steps per site, see `ann2snn.coding`) override the recipe's defaults. `head_steps` ("auto" or a number)
     gives the spiking lm_head's input neuron steps beyond `timesteps` (`ann2snn.calibration.head`).
 
-    `levels` "auto" (opt-in; a budget implies it) gives each site the fewest time steps, at most `timesteps`,
-    that keep what the PPL ratio SNN/ANN may gain on text unlike the calibration text within `max_ppl_ratio`
-    (default `recipe.base.DEFAULT_MAX_PPL_RATIO`; kept as the KL added on the calibration windows, with a
-    margin), or that keep the SNN/ANN energy (view i) within `energy_budget`;
-    "uniform" (the default) gives every site `timesteps` (`ann2snn.calibration.levels`).
+    `levels` "auto" (the qwen2 recipe's default; a budget implies it) gives each site the fewest time steps, at
+    most `timesteps`, that keep what the PPL ratio SNN/ANN may gain on text unlike the calibration text within
+    `max_ppl_ratio` (default `recipe.base.DEFAULT_MAX_PPL_RATIO`; kept as the KL added on the calibration windows
+    and on the bundled probe text's, with margins), or that keep the SNN/ANN energy (view i) within
+    `energy_budget`; "uniform" gives every site `timesteps` (`ann2snn.calibration.levels`).
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     recipe = recipe.with_options(timesteps=timesteps, coding=coding, threshold=threshold, headroom=headroom, outliers=outliers,
@@ -90,7 +90,7 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
     if recipe.level_allocation == "auto":  # from every site at its T, the head at its own: sites may go lower
         from .calibration.levels import allocate
 
-        site_timesteps, allocation = allocate(model, ctx, calibration[WINDOWS])
+        site_timesteps, allocation = allocate(model, ctx, calibration[WINDOWS], calibration.get(PROBE))
     model.ann2snn = export_metadata(recipe, calibration, statistics, site_timesteps, allocation, head)
     return model.eval()
 
@@ -137,8 +137,9 @@ def calibrate(model, tokenizer, recipe: str | Recipe = "qwen2", calib_data: str 
         statistics = _collect(model, recipe, windows, seed, progress)
         for site, absmax in before.items():  # kept so that reused statistics can replay the same smoothing
             statistics[site]["absmax_before_smoothing"] = absmax
-    # the windows go with the statistics (calibrate.WINDOWS): per-site levels are measured on them
-    return statistics, {**calibration_summary(calib_data, windows, seed, recipe.outliers, **sink_note), WINDOWS: windows}
+    # the windows go with the statistics (calibrate.WINDOWS, PROBE): per-site levels are measured on them
+    return statistics, {**calibration_summary(calib_data, windows, seed, recipe.outliers, **sink_note), WINDOWS: windows,
+                        PROBE: probe_windows(tokenizer, seq_len)}
 
 
 def _collect(model, recipe: Recipe, windows: torch.Tensor, seed: int, progress: bool) -> dict:

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_folder, check_writable
-from .calibration.calibrate import WINDOWS
+from .calibration.calibrate import TOKEN_WINDOWS
 from .calibration.head import MAX_EXTRA_STEPS, head_sites
 from .calibration.thresholds import THRESHOLD_RULES
 from .errors import CheckpointError, ConfigError
@@ -162,7 +162,7 @@ def write_beside_weights(folder: Path, config, meta: dict, tokenizer=None) -> No
     files = {p.name: sha256(p) for p in sorted(folder.iterdir())}
     snn_config = {key: value for key, value in meta.items() if key not in ("statistics", CONFIG_HASH)}
     # the calibration's token windows live in calibration.safetensors (save_statistics), not in the config
-    snn_config["calibration"] = {key: value for key, value in meta["calibration"].items() if key != WINDOWS}
+    snn_config["calibration"] = {key: value for key, value in meta["calibration"].items() if key not in TOKEN_WINDOWS}
     snn_config.update({"format_version": FORMAT_VERSION, "ann2snn_version": __version__, "files": files})
     snn_config[CONFIG_HASH] = config_digest(json.loads(json.dumps(snn_config)))  # digest of what is read back
     (folder / SNN_CONFIG).write_text(json.dumps(snn_config, indent=2, sort_keys=True) + "\n")

@@ -42,8 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_folder
-from .calibration.calibrate import WINDOWS, hand_over, load_statistics, observing, release_memory
-from .calibration.data import calibration_windows
+from .calibration.calibrate import PROBE, WINDOWS, hand_over, load_statistics, observing, release_memory
+from .calibration.data import calibration_windows, probe_windows
 from .calibration.head import WINDOWS as HEAD_WINDOWS, fit_head
 from .convert import calibration_summary, check_sites, export_metadata
 from .errors import CheckpointError, ConfigError, NumericalError
@@ -259,7 +259,8 @@ def convert_layer_by_layer(folder: str | Path, out: str | Path, tokenizer=None, 
         write_shard_index(tmp, weight_map)
         if calib_stats is None:
             # the windows too, so that a convert --calib-stats from this export can allocate per-site levels
-            calibration = {**calibration_summary(calib_data, windows, seed, recipe.outliers), WINDOWS: windows}
+            calibration = {**calibration_summary(calib_data, windows, seed, recipe.outliers), WINDOWS: windows,
+                           PROBE: probe_windows(tokenizer, seq_len)}
         meta = export_metadata(recipe, calibration, statistics, site_timesteps, head=head)
         write_beside_weights(tmp, model.config, meta, tokenizer)
     return meta

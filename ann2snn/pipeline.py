@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .atomic import as_os_error, write_failure
-from .calibration.calibrate import WINDOWS, load_statistics, save_statistics
+from .calibration.calibrate import TOKEN_WINDOWS, load_statistics, save_statistics
 from .calibration.data import calibration_windows, check_enough_text, read_texts, token_windows
 from .errors import CheckpointError, ConfigError, Interrupted
 from .export import CALIBRATION_FILE, check_output, load, save
@@ -294,7 +294,7 @@ def _summary(model, out: Path, meta: dict, outliers_asked, resumed: list[str], f
     return {"model": str(model), "out": str(out), "recipe": meta["recipe"], "range_steps": meta["range_steps"],
             "site_timesteps": meta["site_timesteps"], "allocation": meta["allocation"], "head": meta.get("head"),
             "outliers_asked": list(outliers_asked),
-            "calibration": {k: v for k, v in meta["calibration"].items() if k not in ("fingerprint", WINDOWS)},
+            "calibration": {k: v for k, v in meta["calibration"].items() if k != "fingerprint" and k not in TOKEN_WINDOWS},
             "resumed": resumed, "finetune": figures}
 
 

@@ -60,10 +60,15 @@ class BuildContext:
         """The site's Δ at its T (or at `timesteps`), by the threshold rule and headroom of its levels."""
         if self.statistics is None:
             return None
+        return self.code_for(site, timesteps).delta_for(self.clip(site, rule, timesteps))
+
+    def clip(self, site: str, rule: Rule, timesteps: int | None = None) -> torch.Tensor:
+        """The largest value the site's levels reach at its T (or at `timesteps`): the threshold rule's clip at
+        those levels, times their headroom."""
         base = self.base_code(site, timesteps)
         code = self.code_for(site, timesteps)  # the clip search sees the range the steps add (what clipping still costs)
         clip = choose_clip(self.statistics[site], rule.threshold or self.recipe.threshold_for(base), code)
-        return code.delta_for(clip * self.recipe.headroom_for(base))
+        return clip * self.recipe.headroom_for(base)
 
 
 class Replacement:

@@ -50,7 +50,7 @@ def main() -> None:
     settings = [(f"auto ≤ {b}", dict(max_ppl_ratio=float(b), timesteps=args.timesteps))
                 for b in args.budgets.split(",") if b]
     settings += [(f"uniform T={t}", dict(levels="uniform", timesteps=int(t))) for t in args.uniform.split(",") if t]
-    print(f"| levels | calibration windows: PPL ratio, KL added ≤ allowed, mean T | convert s | "
+    print(f"| levels | per text measured (calibration, probe): PPL ratio, KL added ≤ allowed; mean T | convert s | "
           + " | ".join(f"{name}: energy @ PPL ratio" for name in texts) + " |")
     print("|---|---|---|" + "---|" * len(texts))
     for label, options in settings:
@@ -58,8 +58,9 @@ def main() -> None:
         snn = ann2snn.convert(copy.deepcopy(ann), statistics=statistics, calibration_info=info, progress=False, **options)
         seconds = time.monotonic() - started
         found = snn.ann2snn["allocation"]
-        measured = (f"{found['measured_ppl_ratio']:.4f}, {found['added_kl']:.4f} ≤ {found['allowed_kl']:.4f}, "
-                    f"{found['mean_timesteps']:.2f}") if found else "–"
+        measured = "; ".join(f"{name} {text['measured_ppl_ratio']:.4f}, {text['added_kl']:.4f} ≤ {text['allowed_kl']:.4f}"
+                             for name, text in (("calibration", found), ("probe", found.get("probe"))) if text
+                             ) + f"; {found['mean_timesteps']:.2f}" if found else "–"
         cells = []
         for windows in texts.values():
             with torch.no_grad():

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +15,7 @@ import ann2snn
 from ann2snn.cli import main
 from ann2snn.errors import CheckpointError, NumericalError
 
-from process_markers import wait_for_marker
+from process_markers import start_child, wait_for_marker
 
 # Runs the CLI with one stage slowed down and announced on stderr, so a signal lands inside it.
 PAUSED_CLI = """
@@ -43,8 +42,8 @@ main()
 def _run_and_signal(stage, sig, checkpoint, out):
     """Run the paused convert, signal it inside `stage`; (exit status, what it printed after the signal)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, stage, "convert", str(checkpoint), "--out", str(out),
-                             "--calib-samples", "2", "--seq-len", "16"], stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_child([sys.executable, "-c", PAUSED_CLI, stage, "convert", str(checkpoint), "--out", str(out),
+                        "--calib-samples", "2", "--seq-len", "16"], env)
     marker = "CALIBRATING" if stage == "calibration" else "EXPORTING"
     seen = wait_for_marker(proc, marker)
     proc.send_signal(sig)

@@ -48,6 +48,9 @@ def calibrated(sharp_checkpoint):
 
 
 def converted(calibrated, **options):
+    """Converted at T; with uniform levels unless a level option is given (per-site levels may lower the head)."""
+    if not {"levels", "max_ppl_ratio", "energy_budget"} & options.keys():
+        options["levels"] = "uniform"
     folder, statistics, info = calibrated
     model, _ = ann2snn.load_ann(str(folder))
     return ann2snn.convert(model, timesteps=T, statistics=statistics, calibration_info=info, progress=False, **options)
@@ -129,7 +132,8 @@ def test_the_export_records_the_heads_window_and_old_exports_load_with_the_head_
         assert torch.equal(loaded(ids).logits, before)
     # rebuilt from the export's statistics (convert --calib-stats), the head is measured again to the same window
     model, _ = ann2snn.load_ann(str(calibrated[0]))
-    again = ann2snn.convert(model, timesteps=T, calib_stats=out / "calibration.safetensors", progress=False)
+    again = ann2snn.convert(model, timesteps=T, calib_stats=out / "calibration.safetensors", levels="uniform",
+                            progress=False)
     assert again.ann2snn["site_timesteps"] == {"lm_head": head}
     # more steps than the head may have, or more than T at any other site, is refused by name
     for site, t in (("lm_head", T + MAX_EXTRA_STEPS + 1), ("model.layers.0.mlp.act_fn", T + 1)):
@@ -212,7 +216,7 @@ def test_per_site_levels_start_the_head_from_its_own_window_and_never_raise_a_si
     fit_head(model, ctx, info[WINDOWS])
     head = default.lm_head.neuron.code.timesteps
     sites = {site.name: site for site in levels._sites(model, ctx)}
-    assert sites["lm_head"].top == head and max(sites["lm_head"].settings) == head
+    assert sites["lm_head"].top == head and max(t for t, _ in sites["lm_head"].settings) == head
     assert {site.top for name, site in sites.items() if name != "lm_head"} == {T}
     allocated = converted(calibrated, max_ppl_ratio=2.0)
     tops = {name: site.top for name, site in sites.items()}

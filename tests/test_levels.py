@@ -8,13 +8,18 @@ import torch
 from click.testing import CliRunner
 
 import ann2snn
-from ann2snn.calibration.levels import MIN_TIMESTEPS, UNIFORM_KL_FACTOR, UNLIKE_TEXT_MARGIN
+from ann2snn.calibration import levels
+from ann2snn.calibration.calibrate import PROBE, WINDOWS
+from ann2snn.calibration.data import PROBE_WINDOWS
+from ann2snn.calibration.levels import MIN_TIMESTEPS, PROBE_MARGIN, UNIFORM_KL_FACTOR, UNLIKE_TEXT_MARGIN
 from ann2snn.convert import calibrate
 from ann2snn.cli import main
 from ann2snn.errors import CheckpointError, ConfigError
 from ann2snn.export import config_digest
 from ann2snn.modules.attention import SNNMatmul, snn_matmul
 from ann2snn.modules.neuron import SignedNeuron, SpikeTrain, set_simulation
+from ann2snn.recipes import get_recipe
+from ann2snn.replace import swap_modules
 from ann2snn.report import build_report
 
 T = 6
@@ -61,10 +66,12 @@ def test_every_site_gets_a_t_within_its_range_and_the_export_config_lists_them(m
     assert below == sorted(listed.values())
 
 
-def test_levels_are_uniform_unless_asked_and_a_budget_asks(calibrated, mixed):
+def test_levels_are_per_site_by_default_uniform_when_asked_and_a_budget_asks(calibrated, mixed):
     default = converted(calibrated)
-    assert default.ann2snn["recipe"]["level_allocation"] == "uniform" and not default.ann2snn.get("site_timesteps")
-    assert {base_timesteps(n) for n in neurons(default).values()} == {T}
+    assert default.ann2snn["recipe"]["level_allocation"] == "auto" and default.ann2snn["recipe"]["max_ppl_ratio"] == 1.01
+    uniform = converted(calibrated, levels="uniform")
+    assert uniform.ann2snn["recipe"]["level_allocation"] == "uniform" and not uniform.ann2snn.get("site_timesteps")
+    assert {base_timesteps(n) for n in neurons(uniform).values()} == {T}
     assert mixed.ann2snn["recipe"]["level_allocation"] == "auto"  # `mixed` passed only max_ppl_ratio
 
 
@@ -91,6 +98,68 @@ def test_the_allowed_kl_is_the_budget_over_the_margin_or_a_multiple_of_the_unifo
     for summary in (tight, loose):
         assert 0 <= summary["added_kl"] <= summary["allowed_kl"]
     assert 0 < tight["energy_saved_pj_per_token"] < loose["energy_saved_pj_per_token"]
+
+
+def test_the_probe_text_is_kept_with_the_calibration_and_bounds_the_allocation_too(calibrated, mixed):
+    """Calibration keeps windows of the bundled probe text; the allocation stays within ln R / PROBE_MARGIN (or the
+    multiple of the uniform model's KL) on them as well as on the calibration windows."""
+    _, _, info = calibrated
+    assert info[PROBE].shape == (PROBE_WINDOWS, info[WINDOWS].shape[1])
+    assert not torch.equal(info[PROBE][0], info[WINDOWS][0])
+    probe = mixed.ann2snn["allocation"]["probe"]  # the random model predicts the probe as well as its calibration text
+    assert probe["tokens"] == info[PROBE][:, 1:].numel()
+    assert probe["allowed_kl"] == pytest.approx(min(math.log(LOOSE) / PROBE_MARGIN, UNIFORM_KL_FACTOR * probe["uniform_kl"]))
+    assert 0 <= probe["added_kl"] <= probe["allowed_kl"]
+
+
+def test_each_sites_predicted_loss_is_the_larger_of_the_two_texts(calibrated):
+    folder, statistics, info = calibrated
+    model, _ = ann2snn.load_ann(str(folder))
+    ctx = swap_modules(model, get_recipe("qwen2").with_options(timesteps=T), statistics)  # as convert builds it
+
+    def predicted(texts):
+        sites = levels._sites(model, ctx)
+        levels._predict(model, sites, texts, levels.EnergyModel())
+        return {site.name: site.loss for site in sites}
+
+    calibration, probe = info[WINDOWS][:4], info[PROBE]
+    alone, other, both = predicted([calibration]), predicted([probe]), predicted([calibration, probe])
+    for name, loss in both.items():
+        for t, value in loss.items():
+            assert value == pytest.approx(max(alone[name][t], other[name][t]), rel=1e-5)
+    assert any(alone[n][t] != other[n][t] for n in both for t in both[n])  # the two texts do differ
+
+
+def test_a_lowered_site_is_offered_its_own_range_and_the_level_tables_clip(calibrated):
+    """Each site at a lower T may keep the range of its own T (fewer levels, no more clipping: what new text drives
+    past a clip fitted at few levels, it cannot lose there) or take the level table's clip at that T, where the two
+    differ; the path picks whichever buys more energy per predicted loss."""
+    folder, statistics, _ = calibrated
+    model, _ = ann2snn.load_ann(str(folder))
+    ctx = swap_modules(model, get_recipe("qwen2").with_options(timesteps=8), statistics)  # 511 levels: max ×2 …
+    sites = levels._sites(model, ctx)
+    fitted = 0
+    for site in sites:
+        top_code, top_delta = site.settings[site.start]
+        huge = torch.full_like(top_delta, 1e30)
+        reach = top_code.quantise(huge, top_delta)  # the largest value the site sends at its own T
+        for (t, kind), (code, delta) in site.settings.items():
+            sent = code.quantise(huge, delta)  # what this setting clips to
+            if kind == "own":
+                assert ((sent - reach).abs() <= delta * (1 + 1e-5)).all(), (site.name, t)
+            else:
+                fitted += 1
+                assert t < site.top and not torch.equal(delta, site.settings[(t, "own")][1])
+    assert fitted > 0  # … below them the level table's mse clip, tighter at some sites
+
+
+def test_a_model_that_does_not_predict_the_probe_is_allocated_from_its_calibration_text():
+    """The embedded model knows English prose only (7.4 nats per token on the probe's code, 3.3 on its calibration
+    text): the probe says nothing of what it is used on, and the summary says why it was left out."""
+    ann, tokenizer = ann2snn.load_ann("qwen2-tiny")
+    snn = ann2snn.convert(ann, tokenizer, timesteps=T, levels="auto", calib_samples=8, progress=False)
+    allocation = snn.ann2snn["allocation"]
+    assert "probe" not in allocation and "NLL on the probe text" in allocation["probe_skipped"]
 
 
 def test_step_simulation_equals_fast_with_mixed_timesteps(mixed):
@@ -135,7 +204,7 @@ def test_an_export_with_mixed_timesteps_round_trips_and_a_damaged_list_is_refuse
     out = ann2snn.save(mixed, tmp_path / "snn", tokenizer)
     config = json.loads((out / "snn_config.json").read_text())
     assert config["format_version"] == 6 and config["site_timesteps"] == mixed.ann2snn["site_timesteps"]
-    assert "windows" not in config["calibration"]  # they live in calibration.safetensors
+    assert "windows" not in config["calibration"] and "probe_windows" not in config["calibration"]  # in calibration.safetensors
     loaded = ann2snn.load(out)
     assert {n: base_timesteps(m) for n, m in neurons(loaded).items()} == \
         {n: base_timesteps(m) for n, m in neurons(mixed).items()}
@@ -146,6 +215,7 @@ def test_an_export_with_mixed_timesteps_round_trips_and_a_damaged_list_is_refuse
     again = ann2snn.convert(model, timesteps=T, calib_stats=out / "calibration.safetensors", max_ppl_ratio=LOOSE,
                             progress=False)
     assert again.ann2snn["site_timesteps"] == mixed.ann2snn["site_timesteps"]
+    assert again.ann2snn["allocation"]["probe"] == mixed.ann2snn["allocation"]["probe"]  # the probe's windows were kept
     # a hand-edited list (re-hashed, so only its values are wrong) is refused by name
     # (above T: a site other than the head's input neuron, the only one that may fire more than T, test_head.py)
     listed = next(site for site in config["site_timesteps"] if site != "lm_head")

@@ -20,7 +20,7 @@ import ann2snn
 from ann2snn.calibration.data import MIN_TOKENS, TooLittleTextWarning, bundled_text
 from ann2snn.cli import main
 from ann2snn.errors import CheckpointError, ConfigError, Interrupted
-from process_markers import wait_for_marker
+from process_markers import start_child, wait_for_marker
 
 UNSEEN = str(bundled_text("unseen.txt"))
 SMALL_CALIBRATION = ["--calib-data", UNSEEN, "--calib-samples", "2", "--seq-len", "16"]
@@ -306,8 +306,8 @@ main()
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_TORCH, "convert", "qwen2-tiny", "--out", str(tmp_path / "snn")],
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
+    proc = start_child([sys.executable, "-c", SLOW_TORCH, "convert", "qwen2-tiny", "--out", str(tmp_path / "snn")],
+                       dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
     seen = wait_for_marker(proc, "IMPORTING TORCH")
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()

@@ -33,6 +33,8 @@ from .observers import ChannelObserver
 STATISTICS = ("absmax", "p99.9", "top", "sample", "tokens")
 OPTIONAL_STATISTICS = ("absmax_before_smoothing",)
 WINDOWS = "windows"  # the calibration summary's token windows [N, L], kept beside the statistics
+PROBE = "probe_windows"  # and the probe text's (calibration.data.probe_windows), which per-site levels check too
+TOKEN_WINDOWS = (WINDOWS, PROBE)
 
 
 def _observing_attention(module, query, key, value, attention_mask, **kwargs):
@@ -166,19 +168,19 @@ def release_memory() -> None:
 
 
 def save_statistics(statistics: dict, path: Path, metadata: dict) -> None:
-    """Write the statistics, and the calibration summary `metadata` with its token windows (WINDOWS) as a tensor."""
+    """Write the statistics, and the calibration summary `metadata` with its token windows (TOKEN_WINDOWS) as tensors."""
     tensors = {f"{site}/{key}": value.contiguous() for site, stats in statistics.items() for key, value in stats.items()}
-    if WINDOWS in metadata:
-        tensors[WINDOWS] = metadata[WINDOWS].contiguous()
-    summary = {key: value for key, value in metadata.items() if key != WINDOWS}
+    tensors.update({key: metadata[key].contiguous() for key in TOKEN_WINDOWS if key in metadata})
+    summary = {key: value for key, value in metadata.items() if key not in TOKEN_WINDOWS}
     save_file(tensors, str(path), metadata={"ann2snn": json.dumps(summary, sort_keys=True)})
     del tensors
     release_memory()  # whatever the writer allocated (older safetensors copy every tensor to bytes)
 
 
 def load_statistics(path: str | Path) -> tuple[dict, dict]:
-    """(statistics, metadata) from a calibration.safetensors file; metadata[WINDOWS]: the token windows, when
-    the file holds them (saved since per-site levels; calibration/levels.py runs on them)."""
+    """(statistics, metadata) from a calibration.safetensors file; metadata[WINDOWS] / [PROBE]: the token windows
+    of the calibration and probe texts, when the file holds them (saved since per-site levels and since the probe;
+    calibration/levels.py runs on them)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"calibration statistics {path} do not exist; pass the calibration.safetensors of an earlier convert")
@@ -190,11 +192,13 @@ def load_statistics(path: str | Path) -> tuple[dict, dict]:
             metadata = json.loads((handle.metadata() or {}).get("ann2snn", "{}"))
     except (SafetensorsError, OSError, ValueError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"calibration statistics {path} cannot be read ({exc}); run the convert without --calib-stats") from None
-    windows = tensors.pop(WINDOWS, None)
-    if windows is not None:
+    for key in TOKEN_WINDOWS:
+        windows = tensors.pop(key, None)
+        if windows is None:
+            continue
         if windows.dim() != 2 or windows.numel() == 0 or windows.is_floating_point() or int(windows.min()) < 0:
             raise CheckpointError(f"calibration statistics {path} hold token windows that are not token ids; recalibrate")
-        metadata[WINDOWS] = windows
+        metadata[key] = windows
     statistics: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         site, _, stat = key.rpartition("/")

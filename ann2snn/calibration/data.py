@@ -37,6 +37,19 @@ def bundled_text(name: str = "train.txt") -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "corpus" / name
 
 
+# Text unlike any the calibration usually is (code in four languages, a log, JSON, a table of settings, a
+# maintenance manual; written for ann2snn, SOURCE.md): per-site levels check what they cost on it as well as on
+# the calibration windows (calibration/levels.py).
+PROBE_TEXT = "probe.txt"
+PROBE_WINDOWS = 4
+
+
+def probe_windows(tokenizer, seq_len: int) -> torch.Tensor:
+    """The first PROBE_WINDOWS windows of `seq_len` tokens of the bundled probe text (fewer if it is shorter)."""
+    text = bundled_text(PROBE_TEXT).read_text(encoding="utf-8")
+    return token_windows(tokenizer, [text], seq_len, max_tokens=PROBE_WINDOWS * seq_len)
+
+
 def _read_utf8(path: Path) -> str:
     try:
         size = path.stat().st_size

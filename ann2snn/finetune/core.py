@@ -104,17 +104,17 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     set_simulation(model, "fast")
     for param in model.parameters():
         param.requires_grad_(False)
-    saved, losses, skipped, reverted, fall, fall_noise = None, [], None, False, None, None
+    saved, losses, skipped, reverted, fall = None, [], None, False, None
     try:
         # the rules choose on one half of the holdout (early stopping, stdp's updates); the other half decides
         select, deciding = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
         saved = _read_checkpoint(checkpoint, fingerprint) if resume else None
         before = HoldoutFigures(**saved["before"]) if saved else deciding.evaluate()
-        gap, gap_noise = deciding.gap(before)
-        if gap <= gap_noise and not force:
-            skipped = (f"the conversion's gap on the holdout ({gap:+.4f} nats per token) is within its noise "
-                       f"(±{gap_noise:.4f}): fine-tuning could only make it worse, so the SNN is left as it is "
-                       f"(force=True / --force to fine-tune anyway)")
+        gap = deciding.gap(before)
+        if not gap.beyond_chance and not force:
+            skipped = (f"the conversion's gap on the holdout ({gap.mean:+.4f} nats per token, worse in {gap.above} of "
+                       f"{gap.windows} windows) is within its noise (±{gap.noise:.4f}): fine-tuning could only make it "
+                       f"worse, so the SNN is left as it is (force=True / --force to fine-tune anyway)")
             after = before
         else:
             losses = saved["losses"] if saved else []
@@ -123,8 +123,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             summary = _train(trainer, Batches(train, batch_size, seed), device, steps, saved, losses, checkpoint,
                              checkpoint_every, progress, header)
             after = deciding.evaluate()
-            fall, fall_noise = improvement(after, before)
-            reverted = not fall > fall_noise
+            fall = improvement(after, before)
+            reverted = not fall.beyond_chance
             if reverted:  # not a gain that rises above the noise: hand the model back as it came
                 with torch.no_grad():
                     for name, neuron in neurons:
@@ -145,7 +145,9 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "train_windows": int(train.shape[0]), "holdout": holdout_source, "held_out_windows": int(val.shape[0]),
         "held_out_tokens": deciding.tokens, "selection_tokens": select.tokens, "ppl_ann": deciding.ppl_ann,
         "ppl_snn_before": before.ppl_snn, "ppl_snn_after": after.ppl_snn, "kl_before": before.kl, "kl_after": after.kl,
-        "gap_nats": gap, "gap_noise_nats": gap_noise, "fall_nats": fall, "fall_noise_nats": fall_noise,
+        "gap_nats": gap.mean, "gap_noise_nats": gap.noise, "gap_windows_worse": [gap.above, gap.windows],
+        "fall_nats": fall and fall.mean, "fall_noise_nats": fall and fall.noise,
+        "fall_windows_better": fall and [fall.above, fall.windows],
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
         "skipped": skipped, "reverted": reverted, "warnings": [w for w in (small,) if w],
         "wall_s": time.monotonic() - started,

@@ -55,13 +55,12 @@ RECIPE = Recipe(
     # Range steps where calibration shows heavy tails (docs/qwen25.md): on Qwen2.5-0.5B unseen text drives
     # down_proj's input up to 60× its calibrated max, which no headroom serves without losing resolution.
     range_steps="auto",
-    # One T at every site by default. Per-site levels ("auto", calibration/levels.py) bounded by the KL they add on
-    # the calibration windows (ln 1.01 / 4) cut the SNN/ANN energy (view i) at T=8 on the embedded model from 0.49 to
-    # 0.39 at PPL ratio 1.0065 on Moby-Dick, but on Qwen2.5-0.5B unlike text costs 9-30x what calibration shows
-    # (T=8: code -> other code 1.0101 -> 1.0188, English -> code 1.0029 -> 1.0714) and at T=16 the allocation ran
-    # out of memory
-    # (docs/benchmarks.md, "Per-site levels"). Users opt in with --levels auto or a budget.
-    level_allocation="uniform",
+    # Per-site levels (calibration/levels.py): each site the fewest steps, at most T, that keep what the PPL ratio may
+    # gain on unlike text within 1.01, checked on the calibration text and on the bundled probe text (code, logs,
+    # configuration). At T=8 (docs/benchmarks.md, "Per-site levels"): the embedded model's SNN/ANN energy (view i)
+    # 0.49 -> 0.39; on SmolLM2-135M and Qwen2.5-0.5B the probe holds the allocation to what keeps code as faithful as
+    # uniform levels (an allocation from English prose alone cost SmolLM2 x1.30 in perplexity on Python code).
+    level_allocation="auto",
     # No attention sink by default: on SmolLM2-135M it keeps the perplexity but moves 11 % of the
     # top-1 predictions (the prefix changes the function); "sink" and "auto" are options.
     outliers=(),
