@@ -50,7 +50,7 @@ def main() -> None:
     settings = [(f"auto ≤ {b}", dict(max_ppl_ratio=float(b), timesteps=args.timesteps))
                 for b in args.budgets.split(",") if b]
     settings += [(f"uniform T={t}", dict(levels="uniform", timesteps=int(t))) for t in args.uniform.split(",") if t]
-    print(f"| levels | per text measured (calibration, probe): PPL ratio, KL added ≤ allowed; mean T | convert s | "
+    print("| levels | per text measured (calibration, probe): PPL ratio, KL added ≤ allowed; mean T | convert s | "
           + " | ".join(f"{name}: energy @ PPL ratio" for name in texts) + " |")
     print("|---|---|---|" + "---|" * len(texts))
     for label, options in settings:
