@@ -9,8 +9,9 @@ converts at --timesteps with `--levels auto --max-ppl-ratio R` for each budget R
 and with uniform levels at each T of --uniform, and runs `ann2snn.report.build_report`
 (the step simulation, as `ann2snn report`) over the same windows of each --data
 file (bundled corpus names or paths). Each row: what the allocation measured on
-the calibration windows (PPL ratio, the KL it added against the KL it was allowed,
-nats per token, mean T over sites), then energy @ PPL ratio per text.
+the calibration windows and on the probe's, where the model predicts the probe
+(PPL ratio, the KL it added against the KL it was allowed, nats per token), the
+mean T over sites, then energy @ PPL ratio per text.
 """
 
 from __future__ import annotations
