@@ -79,6 +79,10 @@ def convert(model, tokenizer=None, *, recipe: str | Recipe = "qwen2", timesteps:
         warnings.warn("these calibration statistics hold no token windows (saved before per-site levels), so every "
                       f"site gets T={recipe.timesteps}; recalibrate (drop --calib-stats) for per-site levels")
         recipe = recipe.with_uniform_levels()
+    elif recipe.level_allocation == "auto" and PROBE not in calibration:
+        warnings.warn("these calibration statistics hold no probe windows (saved before per-site levels were checked on "
+                      "the bundled probe text), so the allocation is checked on the calibration text alone; recalibrate "
+                      "(drop --calib-stats) for the probe")
     if recipe.spiking_head and recipe.head_steps == "auto" and WINDOWS not in calibration:
         warnings.warn("these calibration statistics hold no token windows (saved before the head's window was "
                       f"measured), so lm_head's input neuron gets T={recipe.timesteps}; recalibrate (drop --calib-stats) "

@@ -162,6 +162,20 @@ def test_a_model_that_does_not_predict_the_probe_is_allocated_from_its_calibrati
     assert "probe" not in allocation and "NLL on the probe text" in allocation["probe_skipped"]
 
 
+def test_statistics_saved_before_the_probe_or_the_windows_say_what_the_allocation_lacks(calibrated):
+    folder, statistics, info = calibrated
+    older = {key: value for key, value in info.items() if key != PROBE}
+    model, _ = ann2snn.load_ann(str(folder))
+    with pytest.warns(UserWarning, match="no probe windows"):
+        snn = ann2snn.convert(model, timesteps=T, statistics=statistics, calibration_info=older, progress=False)
+    assert snn.ann2snn["recipe"]["level_allocation"] == "auto" and "probe" not in snn.ann2snn["allocation"]
+    oldest = {key: value for key, value in older.items() if key != WINDOWS}
+    model, _ = ann2snn.load_ann(str(folder))
+    with pytest.warns(UserWarning, match="no token windows"):
+        snn = ann2snn.convert(model, timesteps=T, statistics=statistics, calibration_info=oldest, progress=False)
+    assert snn.ann2snn["recipe"]["level_allocation"] == "uniform" and not snn.ann2snn["site_timesteps"]
+
+
 def test_step_simulation_equals_fast_with_mixed_timesteps(mixed):
     """Module by module: each neuron's train sums to the fast path's quantised value at its own T, and each spike
     product of two trains of unequal windows equals the product of what they carry. (End to end the logits then
