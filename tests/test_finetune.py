@@ -203,6 +203,30 @@ def test_distill_shrinks_the_held_out_gap(converted, train_weights):
     assert abs(_snn_perplexity(model, held_out[:1], "step") - fast) < 1e-3 * fast
 
 
+def test_distill_backs_off_rates_that_diverge_and_then_learns(converted):
+    """Rates far too large make the holdout KL rise above the start's: without back-off the run never beats its start
+    and ends there (undone, byte-identical); with it every rate is divided by 4 at each such evaluation until it
+    learns."""
+    snn, tokenizer, _, _ = converted
+    runs = {}
+    for backoffs in (0, 3):
+        model = _copy(snn)
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        runs[backoffs] = finetune(model, tokenizer, TRAIN, rule="distill", steps=30, seq_len=SEQ, progress=False,
+                                  lr=1.0, weight_lr=3e-2, eval_every=5, max_backoffs=backoffs)
+        unchanged = all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+        assert unchanged is runs[backoffs]["reverted"]
+    never = runs[0]
+    assert never["rate_backoffs"] == 0 and never["final_rates"] == [1.0, 1.0, 3e-2]
+    assert never["last_loss"] > never["first_loss"]  # it diverged ...
+    assert never["best_holdout_kl"] == never["start_holdout_kl"] and never["reverted"]  # ... and ended where it began
+    backed = runs[3]
+    n = backed["rate_backoffs"]
+    assert n >= 1 and backed["final_rates"] == pytest.approx([1.0 / 4 ** n, 1.0 / 4 ** n, 3e-2 / 4 ** n])
+    assert backed["best_holdout_kl"] < 0.95 * backed["start_holdout_kl"]  # measured: 0.89 after 3 back-offs
+    assert backed["kl_after"] < backed["kl_before"]
+
+
 def test_stdp_keeps_updates_that_help_on_the_holdout_and_never_grows_the_gap(converted):
     snn, tokenizer, held_out, before = converted
     model = _copy(snn)
@@ -418,6 +442,10 @@ def test_bad_options_are_config_errors(converted):
         finetune(snn, tokenizer, TRAIN, steps=1, schedule="linear")
     with pytest.raises(ConfigError, match="hidden"):
         finetune(snn, tokenizer, TRAIN, steps=1, hidden=-1.0)
+    with pytest.raises(ConfigError, match="backoff must be a number above 1"):
+        finetune(snn, tokenizer, TRAIN, steps=1, backoff=1.0)
+    with pytest.raises(ConfigError, match="max_backoffs"):
+        finetune(snn, tokenizer, TRAIN, steps=1, max_backoffs=-1)
     with pytest.raises(ConfigError, match="takes no option"):
         finetune(snn, tokenizer, TRAIN, steps=1, a_plus=1.0)
 

@@ -26,7 +26,7 @@ from .ste import calibrated_neurons
 LEARNING_RULES = {rule.name: rule for rule in (Distill, Stdp)}
 RULES = tuple(LEARNING_RULES)
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
-CHECKPOINT_FORMAT = 5  # 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped; 5: stdp's gate sum
+CHECKPOINT_FORMAT = 6  # 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped; 5: stdp's gate sum; 6: distill's start KL and rate back-offs
 
 
 def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, lr: float | None = None,
