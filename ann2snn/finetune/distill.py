@@ -51,8 +51,9 @@ holdout KL above where the run started, the run has diverged, not overfitted
 (early stopping handles that): the state goes back to the best so far, Adam's
 moments are dropped, and every rate is divided by ``backoff`` (at most
 ``max_backoffs`` times). Qwen2.5-Coder-0.5B at T = 4 diverged at the rates tuned
-on the embedded model and SmolLM2-135M (loss 0.10 → 1.09, every seed undone)
-and learned at about a third of them (docs/finetune.md).
+on the embedded model and SmolLM2-135M (loss 0.10 → 1.09, every seed undone);
+backing off twice, it closed 89 % of the gap on code it never saw
+(docs/finetune.md).
 The options are `DistillOptions`.
 """
 
