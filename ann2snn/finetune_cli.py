@@ -31,6 +31,9 @@ from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positi
 @click.option("--holdout", default=None, metavar="FILE|SHARE",
               help="Text that decides whether the fine-tune is kept (never trained on): a file, or a share of --data "
                    "(default: its last 10%, at least 4096 tokens).")
+@click.option("--mix", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, metavar="SHARE",
+              help="Share of the training windows drawn from the bundled English text beside --data's, for a fine-tune "
+                   "that holds on other kinds of text too (the holdout stays --data's).")
 @click.option("--force", is_flag=True, help="Fine-tune even when the conversion's gap on the holdout is within its noise.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out that is an ann2snn export or an empty folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
@@ -40,7 +43,7 @@ from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positi
 @device_map_option
 @clean_errors
 def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_len, train_weights, checkpoint_every,
-             resume, holdout, force, overwrite, as_json, options, device_map):
+             resume, holdout, mix, force, overwrite, as_json, options, device_map):
     """Fine-tune the SNN in EXPORT_DIR on --data and export it to --out.
 
     --holdout (default: the last windows of --data) is never trained on; the
@@ -55,7 +58,7 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
 
     figures = finetune_export(export_dir, data, out_dir, rule=rule, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                               seq_len=seq_len, train_weights=train_weights, checkpoint_every=checkpoint_every,
-                              holdout=_parse_holdout(holdout), force=force, overwrite=overwrite, device_map=device_map,
+                              holdout=_parse_holdout(holdout), mix=mix, force=force, overwrite=overwrite, device_map=device_map,
                               progress=not as_json, **_parse_options(options))
     print_notes(figures)
     if as_json:

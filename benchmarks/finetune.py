@@ -17,8 +17,8 @@ of --train (default the bundled training text, Jane Austen), with `finetune`'s
 defaults (``distill``: thresholds and weights; ``distill-thresholds``:
 ``train_weights=False``; ``stdp``: weights and thresholds, ``stdp-thresholds``: the
 thresholds only): the last tenth of
-those windows is the holdout that decides whether to fine-tune at all and
-whether to keep the result. Figures are measured on text no stage ever saw, in
+those windows (or --holdout, a share) is the holdout that decides whether to
+fine-tune at all and whether to keep the result. Figures are measured on text no stage ever saw, in
 non-overlapping windows of --seq-len tokens, at most --max-eval-tokens each,
 of each --eval text (a bundled text's name, or a file or folder): by default
 ``heldout.txt`` (the end of *Persuasion*: the training text's kind) and
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--train-seq-len", type=int, default=None, help="tokens per fine-tuning window (default --seq-len)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--holdout", type=float, default=None, help="share of the --train windows held out (default finetune's)")
+    parser.add_argument("--mix", type=float, default=0.0, help="share of bundled prose among the training windows")
     parser.add_argument("--options", type=json.loads, default={}, help="distill options as JSON")
     parser.add_argument("--stdp-options", type=json.loads, default={}, help="stdp options as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
@@ -105,7 +107,9 @@ def main() -> None:
     texts = {name: token_windows(tokenizer, read_texts(text_path(name)), args.seq_len, max_tokens=args.max_eval_tokens)
              for name in names}
     print(f"# {args.checkpoint}: {args.coding} coding, {args.calib_samples} x {args.seq_len} calibration tokens of "
-          f"{args.calib_data or 'train.txt'}; fine-tune on {args.train}[:{args.train_chars}] in batches of {args.batch_size} x "
+          f"{args.calib_data or 'train.txt'}; fine-tune on {args.train}[:{args.train_chars}]"
+          f"{f' with {args.mix:.0%} bundled prose' if args.mix else ''}"
+          f"{f', holdout {args.holdout:.0%}' if args.holdout else ''} in batches of {args.batch_size} x "
           f"{args.train_seq_len or args.seq_len} tokens "
           f"(distill {args.steps} steps, stdp {args.stdp_steps}); seeds {args.seeds}; torch {torch.__version__}, "
           f"{args.threads} thread(s)\n", flush=True)
@@ -128,7 +132,7 @@ def main() -> None:
                 model.ann2snn = dict(snn.ann2snn)
                 figures = finetune(model, tokenizer, train, rule=rule, steps=steps, seed=seed,
                                    batch_size=args.batch_size, seq_len=args.train_seq_len or args.seq_len,
-                                   progress=False, **options)
+                                   progress=False, holdout=args.holdout, mix=args.mix, **options)
                 after = {name: nll_per_window(model, w, "fast") for name, w in texts.items()}
                 runs.append((figures, after))
             for name in names:

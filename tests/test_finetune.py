@@ -203,6 +203,45 @@ def test_distill_shrinks_the_held_out_gap(converted, train_weights):
     assert abs(_snn_perplexity(model, held_out[:1], "step") - fast) < 1e-3 * fast
 
 
+def test_distill_backs_off_rates_that_diverge_and_then_learns(converted):
+    """Rates far too large make the holdout KL rise above the start's: without back-off the run never beats its start
+    and ends there (undone, byte-identical); with it every rate is divided by 4 at each such evaluation until it
+    learns."""
+    snn, tokenizer, _, _ = converted
+    runs = {}
+    for backoffs in (0, 3):
+        model = _copy(snn)
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        runs[backoffs] = finetune(model, tokenizer, TRAIN, rule="distill", steps=30, seq_len=SEQ, progress=False,
+                                  lr=1.0, weight_lr=3e-2, eval_every=5, max_backoffs=backoffs)
+        unchanged = all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+        assert unchanged is runs[backoffs]["reverted"]
+    never = runs[0]
+    assert never["rate_backoffs"] == 0 and never["final_rates"] == [1.0, 1.0, 3e-2]
+    assert never["last_loss"] > never["first_loss"]  # it diverged ...
+    assert never["best_holdout_kl"] == never["start_holdout_kl"] and never["reverted"]  # ... and ended where it began
+    backed = runs[3]
+    n = backed["rate_backoffs"]
+    assert n >= 1 and backed["final_rates"] == pytest.approx([1.0 / 4 ** n, 1.0 / 4 ** n, 3e-2 / 4 ** n])
+    assert backed["best_holdout_kl"] < 0.95 * backed["start_holdout_kl"]  # measured: 0.89 after 3 back-offs
+    assert backed["kl_after"] < backed["kl_before"]
+
+
+def test_mix_adds_bundled_prose_to_the_training_windows_and_leaves_the_holdout_alone(converted):
+    snn, tokenizer, _, _ = converted
+    runs = [finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, progress=False, eval_every=0, force=True,
+                     mix=mix) for mix in (0.0, 0.25)]
+    plain, mixed = runs
+    assert plain["mixed_windows"] == 0 and mixed["mixed_windows"] == round(plain["train_windows"] / 3)
+    assert mixed["train_windows"] == plain["train_windows"] + mixed["mixed_windows"]
+    assert (mixed["holdout"], mixed["held_out_tokens"], mixed["ppl_ann"], mixed["ppl_snn_before"]) == \
+        (plain["holdout"], plain["held_out_tokens"], plain["ppl_ann"], plain["ppl_snn_before"])
+    with pytest.raises(ConfigError, match="mix must be a share"):
+        finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, mix=1.0)
+    with pytest.raises(ConfigError, match="pass a smaller mix"):
+        finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, mix=0.99, progress=False)
+
+
 def test_stdp_keeps_updates_that_help_on_the_holdout_and_never_grows_the_gap(converted):
     snn, tokenizer, held_out, before = converted
     model = _copy(snn)
@@ -418,6 +457,10 @@ def test_bad_options_are_config_errors(converted):
         finetune(snn, tokenizer, TRAIN, steps=1, schedule="linear")
     with pytest.raises(ConfigError, match="hidden"):
         finetune(snn, tokenizer, TRAIN, steps=1, hidden=-1.0)
+    with pytest.raises(ConfigError, match="backoff must be a number above 1"):
+        finetune(snn, tokenizer, TRAIN, steps=1, backoff=1.0)
+    with pytest.raises(ConfigError, match="max_backoffs"):
+        finetune(snn, tokenizer, TRAIN, steps=1, max_backoffs=-1)
     with pytest.raises(ConfigError, match="takes no option"):
         finetune(snn, tokenizer, TRAIN, steps=1, a_plus=1.0)
 
@@ -461,10 +504,14 @@ def test_cli_finetune_passes_rule_options_and_refuses_unknown_ones(converted, tm
     common = ["finetune", str(source), "--data", str(data), "--rule", "stdp", "--steps", "1", "--seq-len", "32",
               "--batch-size", "2", "--json"]
     result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "a"), "--option", "teacher=network",
-                                                "--option", "accumulate=1"], catch_exceptions=False)
+                                                "--option", "accumulate=1", "--mix", "0.2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    options = json.loads(result.output.strip().splitlines()[-1])["options"]
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    options = figures["options"]
     assert options["teacher"] == "network" and options["accumulate"] == 1 and options["a_plus"] == 1.0  # the rest: defaults
+    assert figures["mix"] == 0.2 and figures["mixed_windows"] > 0
+    result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "b"), "--mix", "1.5"])
+    assert result.exit_code == 2 and "--mix" in result.output and not (tmp_path / "b").exists()
     for option, message in (("teacher=oracle", "teacher must be one of local, network"),
                             ("bogus=1", "takes no option(s) bogus"), ("teacher", "is not KEY=VALUE")):
         result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "b"), "--option", option])

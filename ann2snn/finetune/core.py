@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.data import token_windows
+from ..calibration.data import bundled_text, read_texts, token_windows
 from ..errors import CheckpointError, ConfigError
 from ..modules.neuron import set_simulation
 from .common import Batches, synaptic_parameters
@@ -26,14 +26,14 @@ from .ste import calibrated_neurons
 LEARNING_RULES = {rule.name: rule for rule in (Distill, Stdp)}
 RULES = tuple(LEARNING_RULES)
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
-CHECKPOINT_FORMAT = 5  # 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped; 5: stdp's gate sum
+CHECKPOINT_FORMAT = 6  # 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped; 5: stdp's gate sum; 6: distill's start KL and rate back-offs
 
 
 def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, lr: float | None = None,
              seed: int = 0, batch_size: int = 4, seq_len: int = 128, checkpoint_dir: str | Path | None = None,
              resume: bool = False, train_weights: bool = True, progress: bool = True, *,
              checkpoint_every: int = 50, holdout=None, force: bool = False, max_tokens: int | None = None,
-             weight_lr: float | None = None, **rule_options) -> dict:
+             weight_lr: float | None = None, mix: float = 0.0, **rule_options) -> dict:
     """Fine-tune a converted SNN (`ann2snn.convert` / `ann2snn.load`) on `texts`, in place; returns its figures.
 
     rule: ``"distill"`` (gradient: thresholds and — unless ``train_weights=False`` — the
@@ -54,7 +54,10 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     to choose on (distill's early stopping, stdp's updates), its odd windows
     decide (and give the figures): a choice made on noise is not confirmed by
     windows it was not made on. `steps` batches of
-    `batch_size` windows are drawn from the training windows by `seed`.
+    `batch_size` windows are drawn from the training windows by `seed`. `mix` in
+    [0, 1): that share of the training windows is bundled English prose
+    (`train.txt`) added to the user's, for a fine-tune that should hold on text
+    of other kinds too (the holdout stays the user's text alone).
 
     When the conversion's own gap on the holdout (NLL of the SNN − NLL of the
     ANN) is within its noise, nothing is trained and the model is left as it
@@ -71,7 +74,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     (written into an export's snn_config.json by `ann2snn.save`) records the figures.
     """
     started = time.monotonic()
-    _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resume, checkpoint_dir)
+    _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resume, checkpoint_dir, mix)
     Rule = LEARNING_RULES[rule]
     # options kept as arguments of `finetune` and the CLI's flags: both rules' train_weights, distill's weight_lr
     rule_options = {"train_weights": bool(train_weights), **rule_options}
@@ -85,6 +88,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
 
     windows = token_windows(tokenizer, list(texts), seq_len, max_tokens=max_tokens)
     train, val, holdout_source = split_holdout(windows, holdout, tokenizer, seq_len)
+    train, mixed = _mixed(train, mix, tokenizer, seq_len)
     small = warn_if_small(val)
     device = next(model.parameters()).device
 
@@ -142,7 +146,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "rule": rule, "steps": steps, "resumed_from_step": saved["step"] if saved else None, "lr": lr,
         "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "options": dataclasses.asdict(options),
         "train_weights": bool(getattr(options, "train_weights", False)),
-        "train_windows": int(train.shape[0]), "holdout": holdout_source, "held_out_windows": int(val.shape[0]),
+        "train_windows": int(train.shape[0]), "mix": mix, "mixed_windows": mixed, "holdout": holdout_source,
+        "held_out_windows": int(val.shape[0]),
         "held_out_tokens": deciding.tokens, "selection_tokens": select.tokens, "ppl_ann": deciding.ppl_ann,
         "ppl_snn_before": before.ppl_snn, "ppl_snn_after": after.ppl_snn, "kl_before": before.kl, "kl_after": after.kl,
         "gap_nats": gap.mean, "gap_noise_nats": gap.noise, "gap_windows_worse": [gap.above, gap.windows],
@@ -192,13 +197,25 @@ def _train(trainer: LearningRule, batches: Batches, device, steps: int, saved: d
         return trainer.summary()
 
 
+def _mixed(train: torch.Tensor, mix: float, tokenizer, seq_len: int) -> tuple[torch.Tensor, int]:
+    """The training windows with bundled prose added as a `mix` share of them, and how many were added."""
+    if not mix:
+        return train, 0
+    wanted = round(mix / (1 - mix) * train.shape[0])
+    prose = token_windows(tokenizer, read_texts(bundled_text()), seq_len, max_tokens=wanted * seq_len)
+    if prose.shape[0] < wanted:
+        raise ConfigError(f"mix {mix} asks for {wanted} windows of bundled text beside the {train.shape[0]} of yours; "
+                          f"it holds {prose.shape[0]}: pass a smaller mix")
+    return torch.cat([train, prose.to(train.dtype)]), wanted
+
+
 def gap_reduction(figures: dict) -> float:
     """How much of the held-out gap PPL(SNN) − PPL(ANN) the fine-tune removed, in %."""
     gap = figures["ppl_snn_before"] - figures["ppl_ann"]
     return 100.0 * (gap - (figures["ppl_snn_after"] - figures["ppl_ann"])) / gap if gap else 0.0
 
 
-def _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resume, checkpoint_dir):
+def _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resume, checkpoint_dir, mix=0.0):
     if rule not in RULES:
         raise ConfigError(f"unknown fine-tuning rule {rule!r}; choose one of {', '.join(RULES)}")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
@@ -208,6 +225,8 @@ def _check_options(rule, steps, lr, batch_size, seq_len, checkpoint_every, resum
         raise ConfigError(f"seq_len must be an integer of at least 2, got {seq_len!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 <= mix < 1:
+        raise ConfigError(f"mix must be a share in [0, 1), got {mix!r}")
     if resume and checkpoint_dir is None:
         raise ConfigError("resume needs the checkpoint_dir of the run to continue")
 
