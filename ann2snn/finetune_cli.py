@@ -88,7 +88,7 @@ def _parse_holdout(value):
     try:
         share = float(value)
     except ValueError:
-        read_texts(value)
+        read_texts(value, "holdout")
         return value
     if not 0 < share < 1:
         raise ConfigError(f"--holdout {value} is neither a share between 0 and 1 nor a file; pass e.g. 0.1 or text.txt")

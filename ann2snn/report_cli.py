@@ -88,7 +88,7 @@ def report(export_dir, data, out_dir, overwrite, timesteps, max_tokens, seq_len,
                            e_int8_mult_pj=e_int_mult)
     memory = MemoryModel(e_sram_pj_per_byte=e_sram, e_dram_pj_per_byte=e_dram)
     device_map = check_device_map(device_map)
-    texts = read_texts(data)
+    texts = read_texts(data, "report data")
     model = load(export_dir, device_map=device_map)
     if timesteps:
         check_timesteps(export_dir, timesteps)

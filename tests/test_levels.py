@@ -153,6 +153,42 @@ def test_a_lowered_site_is_offered_its_own_range_and_the_level_tables_clip(calib
     assert fitted > 0  # … below them the level table's mse clip, tighter at some sites
 
 
+class _Setting:
+    """A site's neuron in the search test: it remembers the setting it was recoded to."""
+
+    def __init__(self):
+        self.t = 3
+
+    def recode(self, code, delta):
+        self.t = code
+
+
+@pytest.mark.parametrize("skips", [0, 2])
+def test_a_site_whose_move_alone_breaks_the_budget_is_left_and_the_search_goes_on(monkeypatch, skips):
+    """Six sites, each predicted to cost the same and ordered by energy; the measured KL says site 2's move costs
+    far beyond the budget and the others next to nothing. The search leaves site 2 at its T and lowers the rest;
+    without skips it stops before site 2."""
+    monkeypatch.setattr(levels, "SKIPS", skips)
+    sites = [levels.Site(f"s{i}", _Setting(), 3, {(t, "own"): (t, None) for t in (2, 3)}, [],
+                         {(3, "own"): 0.0, (2, "own"): 0.001}, {(3, "own"): 10.0 - i, (2, "own"): 0.0})
+             for i in range(6)]
+    true_cost = {i: (1.0 if i == 2 else 1e-4) for i in range(6)}
+
+    class Reference:  # KL: 0.01 at every site's T, plus each lowered site's true cost
+        def measure(self, model):
+            kl = 0.01 + sum(true_cost[i] for i, site in enumerate(sites) if site.neuron.t == 2)
+            return math.exp(kl), math.exp(kl)
+
+    summary = {}
+    path, chosen = levels._within_ratio(None, sites, levels._path(sites), [("calibration", Reference(), 4.0)],
+                                        1.01, summary)
+    lowered = {sites[i].name for i, _, _, _ in path[:chosen]}
+    assert [sites[i].name for i, _, _, _ in levels._path(sites)] == [f"s{i}" for i in range(6)]  # the path's order
+    assert lowered == ({"s0", "s1", "s3", "s4", "s5"} if skips else {"s0", "s1"})
+    assert summary["skipped_sites"] == (["s2"] if skips else [])
+    assert summary["added_kl"] == pytest.approx(len(lowered) * 1e-4) and summary["added_kl"] <= summary["allowed_kl"]
+
+
 def test_a_model_that_does_not_predict_the_probe_is_allocated_from_its_calibration_text():
     """The embedded model knows English prose only (7.4 nats per token on the probe's code, 3.3 on its calibration
     text): the probe says nothing of what it is used on, and the summary says why it was left out."""

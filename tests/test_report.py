@@ -244,8 +244,9 @@ def test_cli_writes_json_markdown_and_plots(exported, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("case", ["out_exists", "bad_timesteps", "negative_timesteps", "missing_export", "missing_data"])
-def test_cli_errors_are_one_line_and_write_nothing(case, exported, tmp_path):
+@pytest.mark.parametrize("case", ["out_exists", "bad_timesteps", "negative_timesteps", "missing_export", "missing_data",
+                                  "bundled_name"])
+def test_cli_errors_are_one_line_and_write_nothing(case, exported, tmp_path, monkeypatch):
     out, args = tmp_path / "rep", []
     export, data = exported, HELDOUT
     if case == "out_exists":
@@ -257,6 +258,9 @@ def test_cli_errors_are_one_line_and_write_nothing(case, exported, tmp_path):
         args = ["--timesteps", "4,-2"]
     elif case == "missing_export":
         export = tmp_path / "nope"
+    elif case == "bundled_name":  # a bundled text's name, where no such file is: the message says where it is
+        monkeypatch.chdir(tmp_path)
+        data = "heldout.txt"
     else:
         data = tmp_path / "nope.txt"
     result = CliRunner().invoke(main, ["report", str(export), "--data", str(data), "--out", str(out)] + args)
@@ -266,6 +270,9 @@ def test_cli_errors_are_one_line_and_write_nothing(case, exported, tmp_path):
     else:
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    if case == "bundled_name":
+        assert "report data heldout.txt does not exist" in result.output
+        assert f"the bundled text of that name is {HELDOUT}" in result.output
     if case == "out_exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:

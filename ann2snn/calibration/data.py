@@ -101,7 +101,10 @@ def read_texts(path: str | Path | None = None, role: str = "calibration data") -
     elif path.is_file():
         files = [path]
     else:
-        raise CalibrationDataError(f"{role} {path} does not exist; pass a .txt file, a .jsonl file or a folder of .txt files")
+        bundled = bundled_text(path.name)
+        hint = f" (the bundled text of that name is {bundled})" if path.parent == Path() and bundled.is_file() else ""
+        raise CalibrationDataError(f"{role} {path} does not exist; pass a .txt file, a .jsonl file or a folder of .txt "
+                                   f"files{hint}")
 
     texts: list[str] = []
     for file in files:

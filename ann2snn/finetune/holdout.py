@@ -115,7 +115,7 @@ def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tu
                               f"some out; pass more text or a holdout file")
         return windows[:-held], windows[-held:], f"last {held} of {count} windows of the text"
     if isinstance(holdout, (str, Path)):
-        texts, source = read_texts(holdout), str(holdout)
+        texts, source = read_texts(holdout, "holdout"), str(holdout)
     elif isinstance(holdout, (list, tuple)) and all(isinstance(t, str) for t in holdout):
         texts, source = list(holdout), "texts"
     else:
