@@ -32,8 +32,9 @@ from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positi
               help="Text that decides whether the fine-tune is kept (never trained on): a file, or a share of --data "
                    "(default: its last 10%, at least 4096 tokens).")
 @click.option("--mix", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, metavar="SHARE",
-              help="Share of the training windows drawn from the bundled English text beside --data's, for a fine-tune "
-                   "that holds on other kinds of text too (the holdout stays --data's).")
+              help="Share of the training windows, and of the holdout's, drawn from the bundled English text beside "
+                   "--data's, for a fine-tune that holds on other kinds of text too (undone if it makes --data's own "
+                   "holdout windows worse).")
 @click.option("--force", is_flag=True, help="Fine-tune even when the conversion's gap on the holdout is within its noise.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out that is an ann2snn export or an empty folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")

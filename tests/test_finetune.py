@@ -17,7 +17,7 @@ from ann2snn.coding import SpikeCode
 from ann2snn.errors import ConfigError
 from ann2snn.evaluate import compare, logits_over, perplexity as ppl
 from ann2snn.finetune import HoldoutWarning, finetune
-from ann2snn.finetune import distill as distill_module
+from ann2snn.finetune import core, distill as distill_module, holdout as holdout_module
 from ann2snn.finetune.ste import calibrated_neurons, differentiable_neurons, ste_quantise
 from ann2snn.finetune.common import swapped_weights, synapses, synaptic_parameters
 from ann2snn.finetune.stdp import Stdp, StdpOptions, stdp_window
@@ -227,15 +227,18 @@ def test_distill_backs_off_rates_that_diverge_and_then_learns(converted):
     assert backed["kl_after"] < backed["kl_before"]
 
 
-def test_mix_adds_bundled_prose_to_the_training_windows_and_leaves_the_holdout_alone(converted):
+def test_mix_adds_bundled_prose_to_the_training_windows_and_the_holdout_in_the_same_share(converted):
     snn, tokenizer, _, _ = converted
     runs = [finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, progress=False, eval_every=0, force=True,
                      mix=mix) for mix in (0.0, 0.25)]
     plain, mixed = runs
     assert plain["mixed_windows"] == 0 and mixed["mixed_windows"] == round(plain["train_windows"] / 3)
     assert mixed["train_windows"] == plain["train_windows"] + mixed["mixed_windows"]
-    assert (mixed["holdout"], mixed["held_out_tokens"], mixed["ppl_ann"], mixed["ppl_snn_before"]) == \
-        (plain["holdout"], plain["held_out_tokens"], plain["ppl_ann"], plain["ppl_snn_before"])
+    assert plain["mixed_held_out_windows"] == 0 and plain["own_fall_nats"] is None
+    assert mixed["mixed_held_out_windows"] == round(plain["held_out_windows"] / 3)
+    assert mixed["held_out_windows"] == plain["held_out_windows"] + mixed["mixed_held_out_windows"]
+    assert mixed["holdout"] == plain["holdout"] and mixed["held_out_tokens"] > plain["held_out_tokens"]
+    assert mixed["own_fall_windows_better"][1] == plain["fall_windows_better"][1]  # the user's deciding windows
     with pytest.raises(ConfigError, match="mix must be a share"):
         finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, mix=1.0)
     with pytest.raises(ConfigError, match="pass a smaller mix"):
@@ -265,7 +268,6 @@ def test_stdp_keeps_updates_that_help_on_the_holdout_and_never_grows_the_gap(con
 def test_stdp_learns_and_ends_in_the_state_that_did_best_on_the_selection_half(converted, monkeypatch, options):
     """Every update is applied; the run ends where the holdout's selection half had its lowest KL (early stopping),
     and that KL is lower than the converted SNN's: the rule learns (weights and thresholds, or thresholds only)."""
-    from ann2snn.finetune import core, holdout as holdout_module
 
     snn, tokenizer, _, _ = converted
     seen: dict[int, list] = {}  # every holdout measured, by object: [holdout, its KL at each evaluation]
@@ -417,6 +419,29 @@ def test_a_fine_tune_that_does_not_help_on_the_holdout_is_undone(converted, monk
     figures = finetune(model, tokenizer, TRAIN, steps=4, seq_len=SEQ, progress=False, eval_every=0)
     assert figures["reverted"] and figures["ppl_snn_after"] == figures["ppl_snn_before"]
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # byte-identical
+
+
+@pytest.mark.parametrize("own_worse", [False, True])
+def test_with_mix_a_gain_that_costs_the_users_own_windows_is_undone(converted, monkeypatch, own_worse):
+    """The whole mixed holdout gains; kept unless the user's own windows lost beyond chance."""
+    snn, tokenizer, _, _ = converted
+    real = core.improvement
+    asked = []
+
+    def fake(after, before, key="nll", windows=None):
+        asked.append(windows)
+        if windows is None:
+            return holdout_module.Difference(1.0, 0.1, 10, 10)
+        n = int(windows.sum())
+        return holdout_module.Difference(-1.0 if own_worse else -0.01, 0.1, 0 if own_worse else n // 2, n)
+
+    monkeypatch.setattr(core, "improvement", fake)
+    figures = finetune(_copy(snn), tokenizer, TRAIN, steps=2, seq_len=SEQ, progress=False, eval_every=0, mix=0.25)
+    monkeypatch.setattr(core, "improvement", real)
+    own = asked[1]
+    assert own is not None and 0 < int(own.sum()) < own.numel()  # the user's windows among the deciding half
+    assert figures["reverted"] is own_worse
+    assert figures["own_fall_nats"] == (-1.0 if own_worse else -0.01)
 
 
 def test_a_gap_within_the_noise_leaves_the_snn_unchanged_unless_forced():
@@ -605,3 +630,5 @@ def test_a_gap_rises_above_chance_by_its_mean_or_by_most_windows():
     assert not Difference.of(balanced).beyond_chance
     assert Difference.of(torch.full((8,), 0.5) + torch.arange(8) * 0.01).beyond_chance  # beyond its noise
     assert not Difference.of(-heavy).beyond_chance  # a fall is never a gain
+    assert Difference.of(-heavy).worse_beyond_chance and not found.worse_beyond_chance
+    assert not Difference.of(-balanced).worse_beyond_chance

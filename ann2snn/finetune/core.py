@@ -57,7 +57,10 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     `batch_size` windows are drawn from the training windows by `seed`. `mix` in
     [0, 1): that share of the training windows is bundled English prose
     (`train.txt`) added to the user's, for a fine-tune that should hold on text
-    of other kinds too (the holdout stays the user's text alone).
+    of other kinds too; the holdout then gets the same share of bundled windows
+    the training never sees, so that the decision weighs both kinds, and a
+    fine-tune that makes the user's own holdout windows worse beyond chance is
+    undone even when the whole holdout gains.
 
     When the conversion's own gap on the holdout (NLL of the SNN − NLL of the
     ANN) is within its noise, nothing is trained and the model is left as it
@@ -88,7 +91,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
 
     windows = token_windows(tokenizer, list(texts), seq_len, max_tokens=max_tokens)
     train, val, holdout_source = split_holdout(windows, holdout, tokenizer, seq_len)
-    train, mixed = _mixed(train, mix, tokenizer, seq_len)
+    train, val, mixed, prose = _mixed(train, val, mix, tokenizer, seq_len)
     small = warn_if_small(val)
     device = next(model.parameters()).device
 
@@ -108,7 +111,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     set_simulation(model, "fast")
     for param in model.parameters():
         param.requires_grad_(False)
-    saved, losses, skipped, reverted, fall = None, [], None, False, None
+    saved, losses, skipped, reverted, fall, own = None, [], None, False, None, None
     try:
         # the rules choose on one half of the holdout (early stopping, stdp's updates); the other half decides
         select, deciding = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
@@ -128,7 +131,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
                              checkpoint_every, progress, header)
             after = deciding.evaluate()
             fall = improvement(after, before)
-            reverted = not fall.beyond_chance
+            own = improvement(after, before, windows=~prose[1::2]) if mix else None
+            reverted = not fall.beyond_chance or (own is not None and own.worse_beyond_chance)
             if reverted:  # not a gain that rises above the noise: hand the model back as it came
                 with torch.no_grad():
                     for name, neuron in neurons:
@@ -147,12 +151,14 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "seed": seed, "batch_size": batch_size, "seq_len": seq_len, "options": dataclasses.asdict(options),
         "train_weights": bool(getattr(options, "train_weights", False)),
         "train_windows": int(train.shape[0]), "mix": mix, "mixed_windows": mixed, "holdout": holdout_source,
-        "held_out_windows": int(val.shape[0]),
+        "held_out_windows": int(val.shape[0]), "mixed_held_out_windows": int(prose.sum()),
         "held_out_tokens": deciding.tokens, "selection_tokens": select.tokens, "ppl_ann": deciding.ppl_ann,
         "ppl_snn_before": before.ppl_snn, "ppl_snn_after": after.ppl_snn, "kl_before": before.kl, "kl_after": after.kl,
         "gap_nats": gap.mean, "gap_noise_nats": gap.noise, "gap_windows_worse": [gap.above, gap.windows],
         "fall_nats": fall and fall.mean, "fall_noise_nats": fall and fall.noise,
         "fall_windows_better": fall and [fall.above, fall.windows],
+        "own_fall_nats": own and own.mean, "own_fall_noise_nats": own and own.noise,
+        "own_fall_windows_better": own and [own.above, own.windows],
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
         "skipped": skipped, "reverted": reverted, "warnings": [w for w in (small,) if w],
         "wall_s": time.monotonic() - started,
@@ -197,16 +203,25 @@ def _train(trainer: LearningRule, batches: Batches, device, steps: int, saved: d
         return trainer.summary()
 
 
-def _mixed(train: torch.Tensor, mix: float, tokenizer, seq_len: int) -> tuple[torch.Tensor, int]:
-    """The training windows with bundled prose added as a `mix` share of them, and how many were added."""
+def _mixed(train: torch.Tensor, val: torch.Tensor, mix: float, tokenizer,
+           seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Training and holdout windows with bundled prose added as a `mix` share of each.
+
+    Returns them, how many prose windows the training got, and which holdout
+    windows are prose (a mask). The holdout's prose windows follow the
+    training's in the bundled text: the training never sees them.
+    """
     if not mix:
-        return train, 0
-    wanted = round(mix / (1 - mix) * train.shape[0])
+        return train, val, 0, torch.zeros(val.shape[0], dtype=torch.bool)
+    for_train, for_val = (round(mix / (1 - mix) * part.shape[0]) for part in (train, val))
+    wanted = for_train + for_val
     prose = token_windows(tokenizer, read_texts(bundled_text()), seq_len, max_tokens=wanted * seq_len)
     if prose.shape[0] < wanted:
-        raise ConfigError(f"mix {mix} asks for {wanted} windows of bundled text beside the {train.shape[0]} of yours; "
-                          f"it holds {prose.shape[0]}: pass a smaller mix")
-    return torch.cat([train, prose.to(train.dtype)]), wanted
+        raise ConfigError(f"mix {mix} asks for {wanted} windows of bundled text beside the "
+                          f"{train.shape[0] + val.shape[0]} of yours; it holds {prose.shape[0]}: pass a smaller mix")
+    prose = prose.to(train.dtype)
+    is_prose = torch.cat([torch.zeros(val.shape[0], dtype=torch.bool), torch.ones(for_val, dtype=torch.bool)])
+    return torch.cat([train, prose[:for_train]]), torch.cat([val, prose[for_train:wanted]]), for_train, is_prose
 
 
 def gap_reduction(figures: dict) -> float:

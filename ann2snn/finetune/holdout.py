@@ -90,6 +90,12 @@ class Difference:
             return False
         return self.mean > self.noise or self.above - self.windows / 2 > Z * math.sqrt(self.windows) / 2
 
+    @property
+    def worse_beyond_chance(self) -> bool:
+        """Negative, and beyond its noise or below zero in more windows than chance gives."""
+        below = self.windows - self.above  # windows at exactly zero count as below: the cautious reading
+        return self.mean < 0 and (-self.mean > self.noise or below - self.windows / 2 > Z * math.sqrt(self.windows) / 2)
+
 
 def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(training windows, holdout windows, where the holdout comes from).
@@ -218,9 +224,12 @@ class Holdout:
         return Difference.of(figures.nll_windows - self.nll_ann_windows)
 
 
-def improvement(after: HoldoutFigures, before: HoldoutFigures, key: str = "nll") -> Difference:
-    """The fall of the per-window `key` ("nll" or "kl") from `before` to `after`, paired by window."""
-    return Difference.of(getattr(before, f"{key}_windows") - getattr(after, f"{key}_windows"))
+def improvement(after: HoldoutFigures, before: HoldoutFigures, key: str = "nll",
+                windows: torch.Tensor | None = None) -> Difference:
+    """The fall of the per-window `key` ("nll" or "kl") from `before` to `after`, paired by window
+    (over the `windows` a boolean mask selects, or all)."""
+    fall = getattr(before, f"{key}_windows") - getattr(after, f"{key}_windows")
+    return Difference.of(fall if windows is None else fall[windows])
 
 
 def _nll_per_window(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
