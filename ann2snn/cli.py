@@ -110,8 +110,7 @@ def convert(model, out_dir, calib_data, calib_samples, seq_len, calib_stats, tim
         click.echo(f"{'not fine-tuned' if figures['skipped'] else 'fine-tuned'} ({figures['rule']}, {figures['steps']} steps): held-out perplexity ANN "
                    f"{figures['ppl_ann']:.3f}  SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                    f"(gap closed {gap_reduction(figures):.1f}%)"
-                   + ("; it did not lower the held-out perplexity beyond its noise, so it was undone"
-                      if figures["reverted"] else ""))
+                   + (f"; undone: {figures['undone_because']}" if figures["reverted"] else ""))
         print_notes(figures)
 
 

@@ -75,8 +75,7 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
                f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                f"(gap closed {gap_reduction(figures):.1f}%)\n"
                f"KL(ANN‖SNN) {figures['kl_before']:.5f} → {figures['kl_after']:.5f}; {changed}"
-               + ("\nthe fine-tune did not lower the held-out perplexity beyond its noise, so it was undone"
-                  if figures["reverted"] else ""))
+               + (f"\nthe fine-tune was undone: {figures['undone_because']}" if figures["reverted"] else ""))
 
 
 def _parse_holdout(value):

@@ -421,6 +421,17 @@ def test_a_fine_tune_that_does_not_help_on_the_holdout_is_undone(converted, monk
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # byte-identical
 
 
+def test_a_gain_that_most_held_out_windows_do_not_share_is_undone(converted, monkeypatch):
+    """A mean beyond its noise from a few windows (3 of 10 gained) is not kept, and the reason is given."""
+    snn, tokenizer, _, _ = converted
+    monkeypatch.setattr(core, "improvement", lambda after, before: holdout_module.Difference(1.0, 0.1, 3, 10))
+    model = _copy(snn)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    figures = finetune(model, tokenizer, TRAIN, steps=2, seq_len=SEQ, progress=False, eval_every=0)
+    assert figures["reverted"] and figures["undone_because"].startswith("only 3 of the 10 held-out windows gained")
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("own_worse", [False, True])
 def test_with_mix_a_gain_that_costs_the_users_own_windows_is_undone(converted, monkeypatch, own_worse):
     """The whole mixed holdout gains; kept unless the user's own windows lost beyond chance."""
@@ -441,6 +452,7 @@ def test_with_mix_a_gain_that_costs_the_users_own_windows_is_undone(converted, m
     own = asked[1]
     assert own is not None and 0 < int(own.sum()) < own.numel()  # the user's windows among the deciding half
     assert figures["reverted"] is own_worse
+    assert (figures["undone_because"] or "").startswith("it made your own held-out windows worse") is own_worse
     assert figures["own_fall_nats"] == (-1.0 if own_worse else -0.01)
 
 
@@ -632,3 +644,9 @@ def test_a_gap_rises_above_chance_by_its_mean_or_by_most_windows():
     assert not Difference.of(-heavy).beyond_chance  # a fall is never a gain
     assert Difference.of(-heavy).worse_beyond_chance and not found.worse_beyond_chance
     assert not Difference.of(-balanced).worse_beyond_chance
+    # a few windows gaining nats, most losing a little: a mean beyond its noise, yet most windows worse
+    few = torch.cat([torch.full((140,), -0.02), torch.full((60,), 1.0)])
+    lopsided = Difference.of(few)
+    assert lopsided.mean > lopsided.noise and lopsided.beyond_chance
+    assert not lopsided.helps_most_windows and lopsided.worse_beyond_chance
+    assert found.helps_most_windows and not Difference.of(balanced).helps_most_windows

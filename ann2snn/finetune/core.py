@@ -66,7 +66,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     ANN) is within its noise, nothing is trained and the model is left as it
     is (``skipped`` says why), unless `force`. After training, the fine-tune is
     kept only if the holdout NLL fell by more than its noise; otherwise every
-    change is undone (``reverted``).
+    change is undone (``reverted``); so is one that most holdout windows do not share
+    (a few windows gaining much, most losing a little).
 
     With `checkpoint_dir`, the state (thresholds, changed weights, optimizer
     state, step, RNG) is written there every `checkpoint_every` steps and at the
@@ -132,8 +133,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             after = deciding.evaluate()
             fall = improvement(after, before)
             own = improvement(after, before, windows=~prose[1::2]) if mix else None
-            reverted = not fall.beyond_chance or (own is not None and own.worse_beyond_chance)
-            if reverted:  # not a gain that rises above the noise: hand the model back as it came
+            reverted = _why_undone(fall, own)
+            if reverted:  # not kept: hand the model back as it came
                 with torch.no_grad():
                     for name, neuron in neurons:
                         neuron.delta.copy_(initial_deltas[name])
@@ -160,7 +161,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "own_fall_nats": own and own.mean, "own_fall_noise_nats": own and own.noise,
         "own_fall_windows_better": own and [own.above, own.windows],
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
-        "skipped": skipped, "reverted": reverted, "warnings": [w for w in (small,) if w],
+        "skipped": skipped, "reverted": bool(reverted), "undone_because": reverted or None, "warnings": [w for w in (small,) if w],
         "wall_s": time.monotonic() - started,
     }
     figures.update(_changes(neurons, initial_deltas, synaptic, originals))
@@ -222,6 +223,19 @@ def _mixed(train: torch.Tensor, val: torch.Tensor, mix: float, tokenizer,
     prose = prose.to(train.dtype)
     is_prose = torch.cat([torch.zeros(val.shape[0], dtype=torch.bool), torch.ones(for_val, dtype=torch.bool)])
     return torch.cat([train, prose[:for_train]]), torch.cat([val, prose[for_train:wanted]]), for_train, is_prose
+
+
+def _why_undone(fall, own) -> str | None:
+    """Why a fine-tune is not kept, or None: kept is a gain beyond chance that most holdout windows share,
+    and (with `mix`) the user's own holdout windows not worse beyond chance."""
+    if not fall.beyond_chance:
+        return "it did not lower the held-out perplexity beyond its noise"
+    if not fall.helps_most_windows:
+        return (f"only {fall.above} of the {fall.windows} held-out windows gained (a few gained much, most lost): "
+                f"not a gain the typical window shares")
+    if own is not None and own.worse_beyond_chance:
+        return f"it made your own held-out windows worse ({own.above} of {own.windows} gained)"
+    return None
 
 
 def gap_reduction(figures: dict) -> float:

@@ -21,7 +21,11 @@ independent. Two uses:
   text can tell, and fine-tuning can only make it worse; `finetune` then leaves
   it unchanged (unless ``force``);
 - a change, d_w = NLL_before − NLL_after on the same windows (paired): it is kept
-  only when that fall rises above chance.
+  only when that fall rises above chance and more than half of the windows fell
+  (`helps_most_windows`). The second condition is the heavy tail again, the other
+  way round: on Qwen2.5-Coder-0.5B (T=4, half code, half prose) a fine-tune fell
+  by 0.158 ± 0.134 nats per token on the deciding half, beyond its noise, yet only
+  89 of its 197 windows fell; on prose no stage saw it widened the gap by 43 %.
 
 A mean rises above chance when it is positive and beyond its noise, or positive
 with more of its windows above zero than chance gives (a sign test at the same Z:
@@ -91,10 +95,16 @@ class Difference:
         return self.mean > self.noise or self.above - self.windows / 2 > Z * math.sqrt(self.windows) / 2
 
     @property
+    def helps_most_windows(self) -> bool:
+        """More than half of the windows above zero: the typical window gained, not only a few."""
+        return self.above > self.windows / 2
+
+    @property
     def worse_beyond_chance(self) -> bool:
-        """Negative, and beyond its noise or below zero in more windows than chance gives."""
-        below = self.windows - self.above  # windows at exactly zero count as below: the cautious reading
-        return self.mean < 0 and (-self.mean > self.noise or below - self.windows / 2 > Z * math.sqrt(self.windows) / 2)
+        """Negative beyond its noise, or at or below zero in more windows than chance gives (whatever the mean:
+        a few windows gaining nats must not hide most windows losing)."""
+        below = self.windows - self.above
+        return -self.mean > self.noise or below - self.windows / 2 > Z * math.sqrt(self.windows) / 2
 
 
 def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, str]:
