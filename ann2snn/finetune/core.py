@@ -112,7 +112,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     set_simulation(model, "fast")
     for param in model.parameters():
         param.requires_grad_(False)
-    saved, losses, skipped, reverted, fall, own = None, [], None, False, None, None
+    saved, losses, skipped, undone, fall, own = None, [], None, None, None, None
     try:
         # the rules choose on one half of the holdout (early stopping, stdp's updates); the other half decides
         select, deciding = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
@@ -133,8 +133,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             after = deciding.evaluate()
             fall = improvement(after, before)
             own = improvement(after, before, windows=~prose[1::2]) if mix else None
-            reverted = _why_undone(fall, own)
-            if reverted:  # not kept: hand the model back as it came
+            undone = _why_undone(fall, own)
+            if undone:  # not kept: hand the model back as it came
                 with torch.no_grad():
                     for name, neuron in neurons:
                         neuron.delta.copy_(initial_deltas[name])
@@ -161,7 +161,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "own_fall_nats": own and own.mean, "own_fall_noise_nats": own and own.noise,
         "own_fall_windows_better": own and [own.above, own.windows],
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
-        "skipped": skipped, "reverted": bool(reverted), "undone_because": reverted or None, "warnings": [w for w in (small,) if w],
+        "skipped": skipped, "reverted": undone is not None, "undone_because": undone, "warnings": [w for w in (small,) if w],
         "wall_s": time.monotonic() - started,
     }
     figures.update(_changes(neurons, initial_deltas, synaptic, originals))
