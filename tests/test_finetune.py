@@ -268,7 +268,6 @@ def test_stdp_keeps_updates_that_help_on_the_holdout_and_never_grows_the_gap(con
 def test_stdp_learns_and_ends_in_the_state_that_did_best_on_the_selection_half(converted, monkeypatch, options):
     """Every update is applied; the run ends where the holdout's selection half had its lowest KL (early stopping),
     and that KL is lower than the converted SNN's: the rule learns (weights and thresholds, or thresholds only)."""
-
     snn, tokenizer, _, _ = converted
     seen: dict[int, list] = {}  # every holdout measured, by object: [holdout, its KL at each evaluation]
     real_evaluate = holdout_module.Holdout.evaluate
@@ -436,7 +435,6 @@ def test_a_gain_that_most_held_out_windows_do_not_share_is_undone(converted, mon
 def test_with_mix_a_gain_that_costs_the_users_own_windows_is_undone(converted, monkeypatch, own_worse):
     """The whole mixed holdout gains; kept unless the user's own windows lost beyond chance."""
     snn, tokenizer, _, _ = converted
-    real = core.improvement
     asked = []
 
     def fake(after, before, key="nll", windows=None):
@@ -448,7 +446,6 @@ def test_with_mix_a_gain_that_costs_the_users_own_windows_is_undone(converted, m
 
     monkeypatch.setattr(core, "improvement", fake)
     figures = finetune(_copy(snn), tokenizer, TRAIN, steps=2, seq_len=SEQ, progress=False, eval_every=0, mix=0.25)
-    monkeypatch.setattr(core, "improvement", real)
     own = asked[1]
     assert own is not None and 0 < int(own.sum()) < own.numel()  # the user's windows among the deciding half
     assert figures["reverted"] is own_worse

@@ -92,7 +92,7 @@ class Difference:
         """Positive, and beyond its noise or above zero in more windows than chance gives (a sign test at Z)."""
         if not self.mean > 0:
             return False
-        return self.mean > self.noise or self.above - self.windows / 2 > Z * math.sqrt(self.windows) / 2
+        return self.mean > self.noise or self._more_than_chance(self.above)
 
     @property
     def helps_most_windows(self) -> bool:
@@ -103,8 +103,11 @@ class Difference:
     def worse_beyond_chance(self) -> bool:
         """Negative beyond its noise, or at or below zero in more windows than chance gives (whatever the mean:
         a few windows gaining nats must not hide most windows losing)."""
-        below = self.windows - self.above
-        return -self.mean > self.noise or below - self.windows / 2 > Z * math.sqrt(self.windows) / 2
+        return -self.mean > self.noise or self._more_than_chance(self.windows - self.above)
+
+    def _more_than_chance(self, count: int) -> bool:
+        """More than chance gives of the windows on one side of zero (a sign test at Z)."""
+        return count - self.windows / 2 > Z * math.sqrt(self.windows) / 2
 
 
 def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, str]:
