@@ -227,6 +227,30 @@ def test_distill_backs_off_rates_that_diverge_and_then_learns(converted):
     assert backed["kl_after"] < backed["kl_before"]
 
 
+def test_distill_weight_rate_follows_the_scale_of_the_weights_unless_given(converted):
+    """Adam moves a weight by about its rate whatever the weight's size: by default the rate is a share of the
+    model's mean |w|, so weights ten times larger get a rate ten times larger; a given weight_lr is used as it is."""
+    snn, tokenizer, _, _ = converted
+    rates = {}
+    cases = (("as converted", 1.0, {}), ("weights x10", 10.0, {}), ("given", 1.0, {"weight_lr": 3e-5}))
+    for case, scale, given in cases:
+        model = _copy(snn)
+        with torch.no_grad():
+            for param in synaptic_parameters(model).values():
+                param.mul_(scale)
+        figures = finetune(model, tokenizer, TRAIN, steps=1, seq_len=SEQ, progress=False, eval_every=0, force=True,
+                           **given)
+        assert figures["final_rates"][-1] == figures["weight_lr"]  # the rate Adam was given for the weights
+        rates[case] = (figures["weight_lr"], figures["mean_abs_w"])
+    rate, scale = rates["as converted"]
+    assert rate == pytest.approx(distill_module.DistillOptions().relative_weight_lr * scale) and 0 < scale < 1
+    assert rates["weights x10"][1] == pytest.approx(10 * scale) and rates["weights x10"][0] == pytest.approx(10 * rate)
+    assert rates["given"][0] == 3e-5
+    thresholds_only = finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, progress=False, eval_every=0,
+                               force=True, train_weights=False)
+    assert thresholds_only["weight_lr"] is None and len(thresholds_only["final_rates"]) == 2
+
+
 def test_mix_adds_bundled_prose_to_the_training_windows_and_the_holdout_in_the_same_share(converted):
     snn, tokenizer, _, _ = converted
     runs = [finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, progress=False, eval_every=0, force=True,

@@ -16,6 +16,12 @@ def synapses(model: nn.Module) -> list[tuple[str, Synapsis]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Synapsis)]
 
 
+def mean_abs_weight(params: dict[str, torch.Tensor]) -> float:
+    """The mean |w| over the weight matrices in `params` (biases left out): the scale of a model's weights."""
+    weights = [value for name, value in params.items() if name.endswith("weight")]
+    return sum(float(w.abs().sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
 def synaptic_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights and biases of every Synapsis, by their state-dict name."""
     found = {}

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..calibration.data import bundled_text, read_texts, token_windows
 from ..errors import CheckpointError, ConfigError
 from ..modules.neuron import set_simulation
-from .common import Batches, synaptic_parameters
+from .common import Batches, mean_abs_weight, synaptic_parameters
 from .distill import Distill
 from .holdout import Holdout, HoldoutFigures, improvement, split_holdout, warn_if_small
 from .rule import LearningRule
@@ -26,7 +26,9 @@ from .ste import calibrated_neurons
 LEARNING_RULES = {rule.name: rule for rule in (Distill, Stdp)}
 RULES = tuple(LEARNING_RULES)
 CHECKPOINT_FILE = "finetune-checkpoint.pt"
-CHECKPOINT_FORMAT = 6  # 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped; 5: stdp's gate sum; 6: distill's start KL and rate back-offs
+# 3: options as dataclasses, per-window holdout figures; 4: stdp early-stopped; 5: stdp's gate sum;
+# 6: distill's start KL and rate back-offs; 7: distill's weight rate relative to the weights' scale
+CHECKPOINT_FORMAT = 7
 
 
 def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, lr: float | None = None,
@@ -37,8 +39,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     """Fine-tune a converted SNN (`ann2snn.convert` / `ann2snn.load`) on `texts`, in place; returns its figures.
 
     rule: ``"distill"`` (gradient: thresholds and — unless ``train_weights=False`` — the
-    Synapsis weights, at Adam rate ``weight_lr``, towards the ANN's next-token
-    distribution, see `ann2snn.finetune.distill`) or ``"stdp"`` (reward-modulated
+    Synapsis weights, at Adam rate ``weight_lr`` (default: relative to the weights' scale),
+    towards the ANN's next-token distribution, see `ann2snn.finetune.distill`) or ``"stdp"`` (reward-modulated
     STDP on the Synapsis weights with homeostatic thresholds, see
     `ann2snn.finetune.stdp`). `rule_options` are the fields of the rule's
     options dataclass (`DistillOptions`, `StdpOptions`); unknown ones are refused.
@@ -290,7 +292,7 @@ def _changes(neurons, initial_deltas, synaptic, originals) -> dict:
         diff = [(synaptic[name].detach().float() - value.float()) for name, value in originals.items() if name.endswith("weight")]
         count = sum(d.numel() for d in diff)
         out["mean_abs_dw"] = sum(float(d.abs().sum()) for d in diff) / count
-        out["mean_abs_w"] = sum(float(originals[n].abs().sum()) for n in originals if n.endswith("weight")) / count
+        out["mean_abs_w"] = mean_abs_weight(originals)
         out["weights_changed"] = sum(int((d != 0).sum()) for d in diff)
     else:
         out["mean_abs_dw"] = 0.0
