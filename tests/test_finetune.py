@@ -124,6 +124,27 @@ def test_per_neuron_scales_move_all_channels_and_are_written_back(converted):
         assert torch.allclose(neuron.delta, before[name] * torch.exp(torch.tensor(-0.2)), rtol=1e-5)
 
 
+def test_thresholds_that_did_not_move_are_handed_back_to_the_bit(converted):
+    """exp(log Δ) is not always Δ in float32: a run that ends where it started (distill's early stopping when no
+    evaluation beat the start) must hand back the very SNN it was given, not one an ulp away on some channels."""
+    snn, _, _, _ = converted
+    model = _copy(snn)
+    neurons = dict(calibrated_neurons(model))
+    before = {name: n.delta.clone() for name, n in neurons.items()}
+    round_trip = [(b.float().clamp_min(1e-30).log().exp() != b.float()).sum() for b in before.values()]
+    assert sum(int(r) for r in round_trip) > 0  # the round trip alone would move some channels
+    moved = sorted(neurons)[0]
+    with differentiable_neurons(model, scales=True) as trained:
+        with torch.no_grad():
+            trained.log_deltas[moved][..., 0] += 0.1  # one channel of one neuron moves; nothing else does
+    for name, neuron in neurons.items():
+        same = neuron.delta == before[name]
+        if name == moved:
+            assert not same.reshape(-1)[0] and same.reshape(-1)[1:].all()
+        else:
+            assert torch.equal(neuron.delta, before[name]), name
+
+
 def test_stdp_window_signs_and_flat_window_gives_the_delta_rule():
     code = SpikeCode("phase", 3)
     own, nxt = stdp_window(code, a_plus=1.0, a_minus=0.5, tau_plus=2.0, tau_minus=2.0)

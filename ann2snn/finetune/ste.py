@@ -164,11 +164,15 @@ def differentiable_neurons(model: nn.Module, train_steps: bool = True, softmax: 
     With `scales`, each such neuron also gets one scalar log-scale g (starting
     at 0), and Δ = exp(s + g): g moves all of the neuron's channels together.
     On exit — also on an exception — each neuron's ``delta`` buffer receives
-    exp(s + g) and its class ``forward`` is restored.
+    exp(s + g) and its class ``forward`` is restored. A channel whose s and g
+    are where they started keeps its Δ to the bit: exp(log Δ) is not always Δ
+    in floating point, and a run that ends where it started (distill's early
+    stopping when no evaluation beat the start) must hand back the same SNN.
     """
     trainable = {id(m) for _, m in calibrated_neurons(model, softmax)} if train_steps else set()
     log_deltas: dict[str, nn.Parameter] = {}
     log_scales: dict[str, nn.Parameter] = {}
+    starts: dict[str, torch.Tensor] = {}  # each s as it started
     patched = []
     try:
         for name, neuron in neurons(model):
@@ -178,16 +182,21 @@ def differentiable_neurons(model: nn.Module, train_steps: bool = True, softmax: 
                 log_deltas[name] = param
                 if scales:
                     scale = log_scales[name] = nn.Parameter(torch.zeros((), device=param.device))
+                starts[name] = param.detach().clone()
             # instance attributes, found before the class's: readers of current_delta (SpikingAttention's
             # products in units of Δ) see the trained Δ too
             neuron.current_delta = _differentiable_step(neuron, param, scale)
             neuron.forward = _differentiable_forward(neuron)
-            patched.append((neuron, param, scale))
+            patched.append((name, neuron, param, scale))
         yield DifferentiableNeurons(log_deltas, log_scales)
     finally:
         with torch.no_grad():
-            for neuron, param, scale in patched:
+            for name, neuron, param, scale in patched:
                 if param is not None:
-                    neuron.delta.copy_(_log_delta(param.detach(), None if scale is None else scale.detach()).exp().to(neuron.delta))
+                    trained = _log_delta(param.detach(), None if scale is None else scale.detach()).exp()
+                    unmoved = param.detach() == starts[name]
+                    if scale is not None:
+                        unmoved &= scale.detach() == 0
+                    neuron.delta.copy_(torch.where(unmoved, neuron.delta, trained.to(neuron.delta)))
                 neuron.__dict__.pop("forward", None)
                 neuron.__dict__.pop("current_delta", None)
