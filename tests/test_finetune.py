@@ -410,6 +410,29 @@ def test_resume_continues_from_the_checkpoint(converted, tmp_path, monkeypatch):
 
 # --- the holdout decides ---------------------------------------------------------------------------
 
+def test_a_teacher_too_large_to_keep_is_recomputed_from_its_hidden_state_to_the_same_figures(converted, monkeypatch):
+    """Above TEACHER_CACHE_BYTES (a large vocabulary) the holdout keeps the ANN's last hidden state and runs only its
+    output layer again: the same KL and NLL as the kept log-probabilities, with the converted weights as teacher
+    even after the SNN's weights moved."""
+    snn, _, held_out, _ = converted
+    model = _copy(snn)
+    synaptic = synaptic_parameters(model)
+    originals = {name: p.clone() for name, p in synaptic.items()}
+    windows = held_out[:6]
+    kept = holdout_module.Holdout(model, windows, originals)
+    monkeypatch.setattr(holdout_module, "TEACHER_CACHE_BYTES", 0)
+    recomputed = holdout_module.Holdout(model, windows, originals)
+    assert kept.cached and not recomputed.cached
+    assert recomputed.teacher[0].shape[-1] == model.config.hidden_size  # a hidden state, not a vocabulary's worth
+    with torch.no_grad():
+        for p in synaptic.values():
+            p.mul_(1.05)  # the SNN moves; the teacher must not
+    a, b = kept.evaluate(), recomputed.evaluate()
+    assert torch.allclose(a.kl_windows, b.kl_windows, rtol=1e-5, atol=1e-7) and a.kl > 0
+    assert torch.equal(a.nll_windows, b.nll_windows)
+    assert torch.equal(kept.nll_ann_windows, recomputed.nll_ann_windows)
+
+
 def test_the_decision_is_taken_on_text_the_training_never_saw(converted, tmp_path, monkeypatch):
     """Default: the last windows of the text; a file: that text. Neither is ever in a training batch, and the
     figures that decide (before and after) are the SNN's perplexity on exactly that text."""
