@@ -32,7 +32,7 @@ of the gap): a change within it is not distinguishable from chance.
 
 As each seed ends, a line on stderr gives its gap closed and how many of the
 windows it made better (a mean carried by a few heavy windows shows there);
---json holds the same per seed, rewritten after each rule.
+--json holds the same per seed, rewritten after each seed.
 """
 
 from __future__ import annotations
@@ -73,16 +73,41 @@ def nll_per_window(model, windows, simulation) -> torch.Tensor:
     return nll.mean(-1)
 
 
-def report_seed(T, label, seed, figures, ann_nll, before, after) -> None:
-    """One line on stderr as each seed ends (the table waits for all seeds): gap closed and windows better."""
-    parts = []
-    for name in before:
-        ppl_ann, ppl_before = math.exp(float(ann_nll[name].mean())), math.exp(float(before[name].mean()))
-        closed = 100 * (ppl_before - math.exp(float(after[name].mean()))) / (ppl_before - ppl_ann)
-        parts.append(f"{name} {closed:+.1f}% ({int((after[name] < before[name]).sum())}/{len(before[name])} windows better)")
+def seed_line(block: list[dict], seed: int) -> str:
+    """As each seed ends (the table waits for all seeds): its gap closed and windows better on each text."""
+    parts = [f"{row['text']} {row['gap_closed_pct'][-1]:+.1f}% ({row['windows_better'][-1]}/{row['windows']} windows "
+             f"better)" for row in block]
+    figures = block[0]["finetune"][-1]
     outcome = "skipped" if figures["skipped"] else "undone" if figures["reverted"] else "kept"
-    print(f"# T={T} {label} seed {seed}: {', '.join(parts)}; {outcome}, {figures['wall_s']:.0f} s",
-          file=sys.stderr, flush=True)
+    return (f"# T={block[0]['T']} {block[0]['rule']} seed {seed}: {', '.join(parts)}; {outcome}, "
+            f"{figures['wall_s']:.0f} s")
+
+
+def rows(T, label, ann_nll, before, runs) -> list[dict]:
+    """One rule's figures at one T over the seeds run so far: a row per evaluation text."""
+    out = []
+    for name in before:
+        ppl_ann = math.exp(float(ann_nll[name].mean()))
+        ppl_before = math.exp(float(before[name].mean()))
+        gap = ppl_before - ppl_ann
+        # the noise of a change: 2 standard errors of the per-window NLL change, paired, as % of the gap
+        noise_pct = max(100 * (math.exp(noise(before[name] - after[name])) - 1) * ppl_before / gap for _, after in runs)
+        out.append({"T": T, "rule": label, "text": name, "ppl_ann": ppl_ann, "ppl_snn_before": ppl_before,
+                    "noise_pct_of_gap": noise_pct,
+                    "gap_closed_pct": [100 * (ppl_before - math.exp(float(after[name].mean()))) / gap for _, after in runs],
+                    "windows_better": [int((after[name] < before[name]).sum()) for _, after in runs],
+                    "windows": len(before[name]), "finetune": [f for f, _ in runs]})
+    return out
+
+
+def table_line(row: dict) -> str:
+    closed, runs = row["gap_closed_pct"], row["finetune"]
+    kept = " / ".join(("skipped" if f["skipped"] else "undone" if f["reverted"] else "kept")
+                      + (f" ({f['updates_kept']} upd.)" if "updates_kept" in f else "") for f in runs)
+    wall = sum(f["wall_s"] for f in runs) / len(runs)
+    return (f"| {row['T']} | {row['rule']} | {row['text']} | {row['ppl_ann']:.3f} | {row['ppl_snn_before']:.3f} | "
+            f"±{row['noise_pct_of_gap']:.0f}% | {' / '.join(f'{c:+.1f}%' for c in closed)} | "
+            f"{sum(closed) / len(closed):+.1f}% | {kept} | {wall:.0f} s |")
 
 
 def main() -> None:
@@ -151,27 +176,13 @@ def main() -> None:
                                    progress=False, holdout=args.holdout, mix=args.mix, **options)
                 after = {name: nll_per_window(model, w, "fast") for name, w in texts.items()}
                 runs.append((figures, after))
-                report_seed(T, label, seed, figures, ann_nll, before, after)
-            for name in names:
-                ppl_ann = math.exp(float(ann_nll[name].mean()))
-                ppl_before = math.exp(float(before[name].mean()))
-                gap = ppl_before - ppl_ann
-                # the noise of a change: 2 standard errors of the per-window NLL change, paired, as % of the gap
-                noise_pct = max(100 * (math.exp(noise(before[name] - after[name])) - 1) * ppl_before / gap
-                                for _, after in runs)
-                closed = [100 * (ppl_before - math.exp(float(after[name].mean()))) / gap for _, after in runs]
-                kept = " / ".join(("skipped" if f["skipped"] else "undone" if f["reverted"] else "kept")
-                                  + (f" ({f['updates_kept']} upd.)" if "updates_kept" in f else "") for f, _ in runs)
-                wall = sum(f["wall_s"] for f, _ in runs) / len(runs)
-                print(f"| {T} | {label} | {name} | {ppl_ann:.3f} | {ppl_before:.3f} | ±{noise_pct:.0f}% | "
-                      f"{' / '.join(f'{c:+.1f}%' for c in closed)} | {sum(closed) / len(closed):+.1f}% | {kept} | "
-                      f"{wall:.0f} s |", flush=True)
-                results.append({"T": T, "rule": label, "text": name, "ppl_ann": ppl_ann, "ppl_snn_before": ppl_before,
-                                "noise_pct_of_gap": noise_pct, "gap_closed_pct": closed,
-                                "windows_better": [int((after[name] < before[name]).sum()) for _, after in runs],
-                                "windows": len(before[name]), "finetune": [f for f, _ in runs]})
-            if args.json:  # after each rule, so that a long run stopped early keeps what it measured
-                args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+                block = rows(T, label, ann_nll, before, runs)
+                print(seed_line(block, seed), file=sys.stderr, flush=True)
+                if args.json:  # after each seed, so that a long run stopped early keeps what it measured
+                    args.json.write_text(json.dumps(results + block, indent=2, default=str) + "\n")
+            for row in block:
+                print(table_line(row), flush=True)
+            results += block
     print(f"\n{time.monotonic() - started:.0f} s in all", flush=True)
 
 
