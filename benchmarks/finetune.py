@@ -159,7 +159,7 @@ def main() -> None:
 
     results = []
     for T in [int(t) for t in args.timesteps.split(",")]:
-        snn = ann2snn.convert(ann, tokenizer, coding=args.coding, timesteps=T, calib_data=args.calib_data,
+        snn = ann2snn.convert(copy.deepcopy(ann), tokenizer, coding=args.coding, timesteps=T, calib_data=args.calib_data,
                               calib_samples=args.calib_samples, seq_len=args.seq_len, progress=False)
         ann_nll = {name: nll_per_window(snn, w, "ann") for name, w in texts.items()}
         before = {name: nll_per_window(snn, w, "fast") for name, w in texts.items()}

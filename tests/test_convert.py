@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ann2snn
-from ann2snn.errors import CheckpointError, UnsupportedModelError
+from ann2snn.convert import calibrate
+from ann2snn.errors import CheckpointError, ConfigError, UnsupportedModelError
 from ann2snn.modules.attention import SNNMatmul, SpikingAttention
 from ann2snn.modules.neuron import SignedNeuron, SpikeTrain, set_simulation
 from ann2snn.modules.silu import SNNSiLU
@@ -321,6 +322,18 @@ def test_reused_statistics_give_the_same_conversion(qwen2_checkpoint, converted,
     again, _ = _convert(qwen2_checkpoint, timesteps=6, calib_stats=out / "calibration.safetensors")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_an_snn_is_not_converted_again(converted):
+    """convert works in place: converting the same object twice used to calibrate the first SNN and give a worse
+    one without a word."""
+    model, tokenizer = converted
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    for again in (lambda: ann2snn.convert(model, tokenizer, timesteps=8, progress=False),
+                  lambda: calibrate(model, tokenizer, calib_samples=4, seq_len=32, progress=False)):
+        with pytest.raises(ConfigError, match="already an SNN.*deepcopy"):
+            again()
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
 
 
 def test_unsupported_architecture_names_the_supported_families(tmp_path):
