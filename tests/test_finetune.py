@@ -272,6 +272,23 @@ def test_distill_weight_rate_follows_the_scale_of_the_weights_unless_given(conve
     assert thresholds_only["weight_lr"] is None and len(thresholds_only["final_rates"]) == 2
 
 
+def test_distill_rates_follow_the_level_spacing_of_the_code(converted):
+    """The rates are T = 4's: a finer code leaves a smaller gap, so at phase T = 8 (255 counts a side against 15)
+    every rate — thresholds, scales, weights — is 15/255 as large; T <= 4, or rates_follow_levels=False, keeps them."""
+    snn, tokenizer, _, _ = converted  # phase T = 3
+    quick = dict(steps=1, seq_len=SEQ, progress=False, eval_every=0, force=True)
+    at3 = finetune(_copy(snn), tokenizer, TRAIN, **quick)
+    assert at3["rate_factor"] == 1.0 and at3["final_rates"][:2] == [3e-2, 3e-2]
+    ann, _ = ann2snn.load_ann("qwen2-tiny")
+    at8 = ann2snn.convert(ann, tokenizer, timesteps=8, levels="uniform", calib_samples=4, seq_len=SEQ, progress=False)
+    on, off = (finetune(_copy(at8), tokenizer, TRAIN, rates_follow_levels=follow, **quick) for follow in (True, False))
+    assert off["rate_factor"] == 1.0 and off["final_rates"][:2] == [3e-2, 3e-2]
+    assert on["rate_factor"] == pytest.approx(15 / 255)
+    assert on["final_rates"] == pytest.approx([rate * 15 / 255 for rate in off["final_rates"]]) and len(on["final_rates"]) == 3
+    with pytest.raises(ConfigError, match="rates_follow_levels"):
+        finetune(_copy(snn), tokenizer, TRAIN, rates_follow_levels="yes", **quick)
+
+
 def test_mix_adds_bundled_prose_to_the_training_windows_and_the_holdout_in_the_same_share(converted):
     snn, tokenizer, _, _ = converted
     runs = [finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, progress=False, eval_every=0, force=True,

@@ -60,7 +60,17 @@ moments are dropped, and every rate is divided by ``backoff`` (at most
 on the embedded model and SmolLM2-135M, before the weights' rate followed their
 scale (loss 0.10 → 1.09, every seed undone); backing off twice, it closed 89 % of
 the gap on code it never saw (docs/finetune.md). It is a safeguard: at today's
-rates no seed of that model backs off.
+rates no seed of that model backs off at T = 4.
+
+Every rate follows the code's level spacing (``rates_follow_levels``, the
+default): the rates above are T = 4's, and at a larger T each is multiplied by
+L(4) / L(T), L the largest count the code sends (phase: 2^T − 1, so 15/63 at
+T = 6 and 15/255 at T = 8; rate: T; never above 1). A finer code leaves a
+smaller gap, and the step that closes a T = 4 gap overshoots it: at 3e-2
+every run on SmolLM2-135M and Qwen2.5-Coder-0.5B backed off once at T = 6 and
+twice at T = 8, to about these factors, with half a cosine schedule left.
+Started there (at 1/4), SmolLM2-135M at T = 6 closed 45.6 % / 53.1 % of the gap on
+new text over three seeds, where 3e-2 closed 10.7 % / 3.0 % (docs/finetune.md).
 The options are `DistillOptions`.
 """
 
@@ -71,6 +81,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..coding import SpikeCode
 from ..errors import ConfigError
 from ..modules.neuron import set_simulation
 from .common import kl_per_token, mean_abs_weight, swapped_weights
@@ -94,6 +105,7 @@ class DistillOptions:
     eval_every: int = 25  # steps between holdout evaluations (early stopping; 0: keep the last state)
     backoff: float = 4.0  # what every rate is divided by when an evaluation finds the run diverged
     max_backoffs: int = 2  # how many times (0: never)
+    rates_follow_levels: bool = True  # every rate × the code's level spacing relative to T = 4's (at most 1)
 
     def __post_init__(self):
         check_choice("schedule", self.schedule, SCHEDULES)
@@ -107,8 +119,20 @@ class DistillOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer of at least 0, got {value!r}")
-        if not isinstance(self.softmax, bool) or not isinstance(self.train_weights, bool):
-            raise ConfigError("softmax and train_weights must be true or false")
+        if not all(isinstance(getattr(self, name), bool) for name in ("softmax", "train_weights", "rates_follow_levels")):
+            raise ConfigError("softmax, train_weights and rates_follow_levels must be true or false")
+
+
+REFERENCE_TIMESTEPS = 4  # the T the default rates were tuned at
+
+
+def level_spacing_factor(model) -> float:
+    """L(4) / L(T) for the model's code and T (at most 1): how much finer its levels are than T = 4's."""
+    recipe = (getattr(model, "ann2snn", None) or {}).get("recipe") or {}
+    if "coding" not in recipe or "timesteps" not in recipe:
+        return 1.0
+    code, reference = (SpikeCode(recipe["coding"], t) for t in (recipe["timesteps"], REFERENCE_TIMESTEPS))
+    return min(1.0, reference.max_count / code.max_count)
 
 
 class Distill(LearningRule):
@@ -123,12 +147,15 @@ class Distill(LearningRule):
 
     def __init__(self, model, options: DistillOptions, **common):
         super().__init__(model, options, **common)
-        self.scale_lr = self.lr if options.scale_lr is None else options.scale_lr
+        self.rate_factor = level_spacing_factor(model) if options.rates_follow_levels else 1.0
+        self.lr *= self.rate_factor
+        self.scale_lr = self.lr if options.scale_lr is None else options.scale_lr * self.rate_factor
         self.weight_lr = None
         if options.train_weights:
             self.weight_lr = options.weight_lr
             if self.weight_lr is None:  # the converted weights' scale: the same on a resumed run
                 self.weight_lr = options.relative_weight_lr * mean_abs_weight(self.originals)
+            self.weight_lr *= self.rate_factor
         self.best: tuple[float, dict] | None = None  # (holdout KL, trained state) of the best evaluation so far
         self.start_kl: float | None = None  # the holdout KL before the first step
         self.backoffs = 0
@@ -235,6 +262,6 @@ class Distill(LearningRule):
         self.base_rates, self.backoffs = state["base_rates"], state["backoffs"]
 
     def summary(self) -> dict:
-        return {"weight_lr": self.weight_lr,
+        return {"weight_lr": self.weight_lr, "rate_factor": self.rate_factor,
                 "best_holdout_kl": self.best[0] if self.best else None, "start_holdout_kl": self.start_kl,
                 "rate_backoffs": self.backoffs, "final_rates": self.base_rates}
