@@ -69,8 +69,8 @@ T = 6 and 15/255 at T = 8; rate: T; never above 1). A finer code leaves a
 smaller gap, and the step that closes a T = 4 gap overshoots it: at 3e-2
 every run on SmolLM2-135M and Qwen2.5-Coder-0.5B backed off once at T = 6 and
 twice at T = 8, to about these factors, with half a cosine schedule left.
-Started there (at 1/4), SmolLM2-135M at T = 6 closed 45.6 % / 53.1 % of the gap on
-new text over three seeds, where 3e-2 closed 10.7 % / 3.0 % (docs/finetune.md).
+Started there, SmolLM2-135M at T = 6 closes 39.0 % / 49.1 % of the gap on new text
+over three seeds (45.6 % / 53.1 % at 1/4), where 3e-2 closed 10.7 % / 3.0 % (docs/finetune.md).
 The options are `DistillOptions`.
 """
 
