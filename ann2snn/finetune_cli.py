@@ -19,7 +19,7 @@ from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positi
 @click.option("--rule", type=click.Choice(FINETUNE_RULES), default="distill", show_default=True,
               help="distill: gradient (STE) on weights and thresholds towards the ANN; stdp: reward-modulated STDP on weights.")
 @click.option("--steps", type=int, default=200, show_default=True, callback=positive, help="Training batches.")
-@click.option("--lr", type=float, default=None, help="distill: Adam rate on log-thresholds (default 3e-2, cosine schedule); stdp: rate η (default 4).")
+@click.option("--lr", type=float, default=None, help="distill: Adam rate on log-thresholds at T=4 (default 3e-2, cosine schedule; above T=4 every rate follows the code's level spacing unless --option rates_follow_levels=false); stdp: rate η (default 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True, callback=positive, help="Windows per batch.")
 @click.option("--seq-len", type=int, default=128, show_default=True, callback=positive, help="Tokens per window.")
