@@ -219,9 +219,26 @@ def test_distill_shrinks_the_held_out_gap(converted, train_weights):
     weights_moved = any(not torch.equal(p, original[name]) for name, p in synaptic_parameters(model).items())
     assert figures["train_weights"] is train_weights and weights_moved is train_weights
     assert (figures["mean_abs_dw"] > 0) is train_weights
-    # still an exact SNN: the step-by-step simulation gives what fast simulation gives
+    # still an exact SNN: on this text every neuron's spike train carries exactly the value fast simulation
+    # quantises its input to, at the fine-tuned steps
+    inputs = {}
+    hooks = [neuron.register_forward_hook(lambda neuron, args, out, name=name: inputs.__setitem__(name, args[0]))
+             for name, neuron in model.named_modules() if isinstance(neuron, SignedNeuron)]
+    with torch.no_grad():
+        model(held_out[:1])
+    for hook in hooks:
+        hook.remove()
+    assert inputs
+    for name, x in inputs.items():
+        neuron = model.get_submodule(name)
+        delta = neuron.current_delta(x)
+        assert torch.equal(neuron.fire(x, delta).accumulate(), neuron.code.quantise(x, delta)), name
+    # The whole network's step simulation sums each Synapsis over its time steps, fast simulation in one product:
+    # equal up to float rounding, which tips values that sit within an ulp of a level boundary downstream. How
+    # many sit there after a fine-tune depends on the CPU's kernels (measured 0.55 % of perplexity on one
+    # machine, under 0.1 % on others).
     fast = _snn_perplexity(model, held_out[:1])
-    assert abs(_snn_perplexity(model, held_out[:1], "step") - fast) < 1e-3 * fast
+    assert abs(_snn_perplexity(model, held_out[:1], "step") - fast) < 1e-2 * fast
 
 
 def test_distill_backs_off_rates_that_diverge_and_then_learns(converted):
