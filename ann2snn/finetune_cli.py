@@ -35,6 +35,9 @@ from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positi
               help="Share of the training windows, and of the holdout's, drawn from the bundled English text beside "
                    "--data's, for a fine-tune that holds on other kinds of text too (undone if it makes --data's own "
                    "holdout windows worse).")
+@click.option("--guard", default=None, metavar="FILE|none",
+              help="Text of another kind that only vetoes: a fine-tune that makes it worse beyond its noise is undone "
+                   "(default: the bundled probe text of code, logs and a manual; none: no guard).")
 @click.option("--force", is_flag=True, help="Fine-tune even when the conversion's gap on the holdout is within its noise.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out that is an ann2snn export or an empty folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
@@ -44,13 +47,14 @@ from .cli_support import FINETUNE_RULES, clean_errors, device_map_option, positi
 @device_map_option
 @clean_errors
 def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_len, train_weights, checkpoint_every,
-             resume, holdout, mix, force, overwrite, as_json, options, device_map):
+             resume, holdout, mix, guard, force, overwrite, as_json, options, device_map):
     """Fine-tune the SNN in EXPORT_DIR on --data and export it to --out.
 
     --holdout (default: the last windows of --data) is never trained on; the
     figures printed (ANN and SNN perplexity, before and after) are measured on
     it, and the fine-tune is kept only if it lowers the SNN's perplexity there
-    by more than the noise.
+    by more than the noise, and does not make --guard (text of another kind)
+    worse beyond its noise.
 
     The checkpoint is kept beside --out until the export is written: an
     interrupted run resumes from it when rerun with the same options.
@@ -59,7 +63,7 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
 
     figures = finetune_export(export_dir, data, out_dir, rule=rule, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                               seq_len=seq_len, train_weights=train_weights, checkpoint_every=checkpoint_every,
-                              holdout=_parse_holdout(holdout), mix=mix, force=force, overwrite=overwrite, device_map=device_map,
+                              holdout=_parse_holdout(holdout), mix=mix, guard=_parse_guard(guard), force=force, overwrite=overwrite, device_map=device_map,
                               progress=not as_json, **_parse_options(options))
     print_notes(figures)
     if as_json:
@@ -75,6 +79,10 @@ def finetune(export_dir, data, out_dir, rule, steps, lr, seed, batch_size, seq_l
                f"SNN {figures['ppl_snn_before']:.3f} → {figures['ppl_snn_after']:.3f} "
                f"(gap closed {gap_reduction(figures):.1f}%)\n"
                f"KL(ANN‖SNN) {figures['kl_before']:.5f} → {figures['kl_after']:.5f}; {changed}"
+               + (f"\nguard ({figures['guard']}): NLL fell {figures['guard_fall_nats']:+.4f} ± "
+                  f"{figures['guard_fall_noise_nats']:.4f} nats per token, {figures['guard_fall_windows_better'][0]} of "
+                  f"{figures['guard_fall_windows_better'][1]} windows better"
+                  if figures.get("guard_fall_nats") is not None else "")
                + (f"\nthe fine-tune was undone: {figures['undone_because']}" if figures["reverted"] else ""))
 
 
@@ -93,6 +101,18 @@ def _parse_holdout(value):
     if not 0 < share < 1:
         raise ConfigError(f"--holdout {value} is neither a share between 0 and 1 nor a file; pass e.g. 0.1 or text.txt")
     return share
+
+
+def _parse_guard(value):
+    """--guard: a file (read now, so a bad one is refused before loading the model), none (False) or the default (None)."""
+    from .calibration.data import read_texts
+
+    if value is None:
+        return None
+    if value.lower() == "none":
+        return False
+    read_texts(value, "guard")
+    return value
 
 
 def _parse_options(pairs) -> dict:

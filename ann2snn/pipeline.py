@@ -123,12 +123,13 @@ def convert_and_export(model: str | Path, out: str | Path, *, recipe: str = "qwe
 def finetune_export(export: str | Path, data: str | Path, out: str | Path, *, rule: str = "distill", steps: int = 200,
                     lr: float | None = None, seed: int = 0, batch_size: int = 4, seq_len: int = 128,
                     train_weights: bool = True, checkpoint_every: int = 50, holdout=None, mix: float = 0.0,
-                    force: bool = False, overwrite: bool = False, device_map: str | None = "cpu", progress: bool = True,
+                    guard=None, force: bool = False, overwrite: bool = False, device_map: str | None = "cpu", progress: bool = True,
                     **rule_options) -> dict:
     """Fine-tune the SNN in `export` on the text in `data` and export it to `out` (`ann2snn finetune`).
 
     Settings as `ann2snn.finetune.finetune` (`holdout`: a file or a share of `data` that decides whether the
-    fine-tune is kept; `mix`: the share of bundled prose among the training windows; `force`: fine-tune even when the conversion is within that text's noise). The checkpoint is kept in `.OUT.finetune/` beside `out` until
+    fine-tune is kept; `mix`: the share of bundled prose among the training windows; `guard`: text of another kind that
+    vetoes a fine-tune making it worse (None: the bundled probe text; False: none); `force`: fine-tune even when the conversion is within that text's noise). The checkpoint is kept in `.OUT.finetune/` beside `out` until
     the export is written: a rerun with the same arguments resumes from it. Returns the figures, with "out".
     """
     out = Path(out)
@@ -149,7 +150,8 @@ def finetune_export(export: str | Path, data: str | Path, out: str | Path, *, ru
     with _kept_on_interrupt(checkpoints):
         figures = _finetune(model, tokenizer, texts, checkpoints, progress, rule=rule, steps=steps, lr=lr, seed=seed,
                             batch_size=batch_size, seq_len=seq_len, train_weights=train_weights,
-                            checkpoint_every=checkpoint_every, holdout=holdout, mix=mix, force=force, **rule_options)
+                            checkpoint_every=checkpoint_every, holdout=holdout, mix=mix, guard=guard, force=force,
+                            **rule_options)
         save(model, out, tokenizer, overwrite=overwrite)
     shutil.rmtree(checkpoints, ignore_errors=True)
     figures["out"] = str(out)

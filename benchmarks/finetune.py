@@ -4,7 +4,7 @@
         [--steps 200] [--stdp-steps 96] [--train TEXT] [--train-chars 300000] [--calib-data TEXT]
         [--eval heldout.txt,unseen.txt] [--max-eval-tokens 8192] [--seq-len 128] [--train-seq-len N]
         [--batch-size 4] [--calib-samples 32] [--coding phase] [--options JSON] [--stdp-options JSON]
-        [--threads 1] [--json OUT.json]
+        [--no-guard] [--threads 1] [--json OUT.json]
 
 CHECKPOINT defaults to the embedded "qwen2-tiny"; any checkpoint that
 ``ann2snn.load_ann`` takes works (e.g. /work/models/SmolLM2-135M-Instruct).
@@ -18,7 +18,9 @@ defaults (``distill``: thresholds and weights; ``distill-thresholds``:
 ``train_weights=False``; ``stdp``: weights and thresholds, ``stdp-thresholds``: the
 thresholds only): the last tenth of
 those windows (or --holdout, a share) is the holdout that decides whether to
-fine-tune at all and whether to keep the result. Figures are measured on text no stage ever saw, in
+fine-tune at all and whether to keep the result, and the bundled probe text
+(code, logs, a manual) is the guard that undoes a fine-tune making it worse
+(--no-guard: none). Figures are measured on text no stage ever saw, in
 non-overlapping windows of --seq-len tokens, at most --max-eval-tokens each,
 of each --eval text (a bundled text's name, or a file or folder): by default
 ``heldout.txt`` (the end of *Persuasion*: the training text's kind) and
@@ -79,8 +81,11 @@ def seed_line(block: list[dict], seed: int) -> str:
              f"better)" for row in block]
     figures = block[0]["finetune"][-1]
     outcome = "skipped" if figures["skipped"] else "undone" if figures["reverted"] else "kept"
+    guard = (f"; guard {figures['guard_fall_nats']:+.4f} ± {figures['guard_fall_noise_nats']:.4f} nats "
+             f"({figures['guard_fall_windows_better'][0]}/{figures['guard_fall_windows_better'][1]} better)"
+             if figures.get("guard_fall_nats") is not None else "")
     return (f"# T={block[0]['T']} {block[0]['rule']} seed {seed}: {', '.join(parts)}; {outcome}, "
-            f"{figures['wall_s']:.0f} s")
+            f"{figures['wall_s']:.0f} s{guard}")
 
 
 def rows(T, label, ann_nll, before, runs) -> list[dict]:
@@ -130,6 +135,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--holdout", type=float, default=None, help="share of the --train windows held out (default finetune's)")
     parser.add_argument("--mix", type=float, default=0.0, help="share of bundled prose among the training windows")
+    parser.add_argument("--no-guard", action="store_true", help="no guard text (default finetune's: the bundled probe)")
     parser.add_argument("--options", type=json.loads, default={}, help="distill options as JSON")
     parser.add_argument("--stdp-options", type=json.loads, default={}, help="stdp options as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a small shared CPU)")
@@ -173,7 +179,8 @@ def main() -> None:
                 model.ann2snn = dict(snn.ann2snn)
                 figures = finetune(model, tokenizer, train, rule=rule, steps=steps, seed=seed,
                                    batch_size=args.batch_size, seq_len=args.train_seq_len or args.seq_len,
-                                   progress=False, holdout=args.holdout, mix=args.mix, **options)
+                                   progress=False, holdout=args.holdout, mix=args.mix,
+                                   guard=False if args.no_guard else None, **options)
                 after = {name: nll_per_window(model, w, "fast") for name, w in texts.items()}
                 runs.append((figures, after))
                 block = rows(T, label, ann_nll, before, runs)

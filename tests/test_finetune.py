@@ -62,6 +62,12 @@ def _snn_perplexity(model, windows, simulation="fast"):
     return perplexity
 
 
+def _nll_windows(model, windows):
+    """The SNN's mean next-token NLL of each window ("fast" simulation)."""
+    logits = logits_over(model, windows, "fast")
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none").mean(-1)
+
+
 def _copy(snn):
     model = copy.deepcopy(snn)
     model.ann2snn = snn.ann2snn
@@ -216,6 +222,11 @@ def test_distill_shrinks_the_held_out_gap(converted, train_weights):
     assert gap_before > 0.05 * before["ppl_ann"]  # the setting leaves a real gap
     assert gap_after < 0.75 * gap_before, (before, after)  # thresholds only: measured 0.61 (the former defaults: 0.90)
     assert figures["kl_after"] < figures["kl_before"] and figures["thresholds_changed"] > 0
+    # the guard's figures are the SNN's NLL change on the bundled probe text, in windows of 64 tokens, paired
+    probe = token_windows(tokenizer, read_texts(bundled_text("probe.txt")), holdout_module.GUARD_SEQ_LEN)
+    fall = _nll_windows(snn, probe) - _nll_windows(model, probe)
+    assert figures["guard"] == "bundled probe.txt" and figures["guard_fall_windows_better"] == [int((fall > 0).sum()), len(probe)]
+    assert figures["guard_fall_nats"] == pytest.approx(float(fall.mean()), abs=1e-5)
     weights_moved = any(not torch.equal(p, original[name]) for name, p in synaptic_parameters(model).items())
     assert figures["train_weights"] is train_weights and weights_moved is train_weights
     assert (figures["mean_abs_dw"] > 0) is train_weights
@@ -555,6 +566,42 @@ def test_with_mix_a_gain_that_costs_the_users_own_windows_is_undone(converted, m
     assert figures["own_fall_nats"] == (-1.0 if own_worse else -0.01)
 
 
+@pytest.mark.parametrize("guard_worse", [False, True])
+def test_a_gain_that_costs_the_guard_text_is_undone(converted, monkeypatch, guard_worse):
+    """The holdout gains; kept unless the guard text (another kind) lost beyond chance; guard=False asks nothing of it."""
+    snn, tokenizer, _, _ = converted
+    asked = []
+
+    def fake(after, before, key="nll", windows=None):
+        asked.append(before.nll_windows.numel())
+        if len(asked) == 1:  # the deciding half of the holdout
+            return holdout_module.Difference(1.0, 0.1, 10, 10)
+        n = before.nll_windows.numel()
+        return holdout_module.Difference(-1.0 if guard_worse else -0.01, 0.1, 0 if guard_worse else n // 2, n)
+
+    monkeypatch.setattr(core, "improvement", fake)
+    model = _copy(snn)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    figures = finetune(model, tokenizer, TRAIN, steps=2, seq_len=SEQ, progress=False, eval_every=0)
+    probe = token_windows(tokenizer, read_texts(bundled_text("probe.txt")), holdout_module.GUARD_SEQ_LEN)
+    assert asked[1] == len(probe) > 10  # the guard: the bundled probe text, in windows of 64 tokens
+    assert figures["reverted"] is guard_worse
+    assert (figures["undone_because"] or "").startswith("it made the guard text (another kind) worse") is guard_worse
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items()) is guard_worse
+    assert figures["guard_fall_nats"] == (-1.0 if guard_worse else -0.01)
+
+    asked.clear()
+    figures = finetune(_copy(snn), tokenizer, TRAIN, steps=2, seq_len=SEQ, progress=False, eval_every=0, guard=False)
+    assert len(asked) == 1 and figures["guard"] is None and figures["guard_fall_nats"] is None
+    figures = finetune(_copy(snn), tokenizer, TRAIN, steps=2, seq_len=SEQ, progress=False, eval_every=0,
+                       guard=[bundled_text("unseen.txt").read_text()[:6000]])
+    assert figures["guard"] == "texts" and asked[-1] > 10
+    with pytest.raises(ConfigError, match="guard must be a file"):
+        finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, guard=3)
+    with pytest.raises(ConfigError, match="fewer than 2 windows"):
+        finetune(_copy(snn), tokenizer, TRAIN, steps=1, seq_len=SEQ, guard=["too short"])
+
+
 def test_a_gap_within_the_noise_leaves_the_snn_unchanged_unless_forced():
     """qwen2-tiny at T=10 is within noise of its ANN on the holdout: nothing to fine-tune."""
     ann, tokenizer = ann2snn.load_ann("qwen2-tiny")
@@ -676,6 +723,24 @@ def test_cli_finetune_takes_a_holdout_file_or_share_and_refuses_a_bad_one_before
         result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "c"), "--holdout", value])
         assert result.exit_code == 2 and result.output.startswith("error: "), result.output
         assert not (tmp_path / "c").exists()
+    result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "c"), "--guard", str(tmp_path / "missing.txt")])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "guard" in result.output, result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_finetune_takes_a_guard_file_or_none(converted, tmp_path):
+    snn, tokenizer, _, _ = converted
+    source = ann2snn.save(_copy(snn), tmp_path / "snn", tokenizer)
+    data, guard = tmp_path / "text.txt", tmp_path / "guard.txt"
+    data.write_text(TRAIN[0][:20000])
+    guard.write_text(bundled_text("unseen.txt").read_text()[:8000])
+    common = ["finetune", str(source), "--data", str(data), "--steps", "2", "--seq-len", "32", "--batch-size", "2"]
+    result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "a"), "--guard", str(guard)], catch_exceptions=False)
+    assert result.exit_code == 0 and f"guard ({guard}): NLL fell" in result.output, result.output
+    result = CliRunner().invoke(main, common + ["--out", str(tmp_path / "b"), "--guard", "none", "--json"],
+                                catch_exceptions=False)
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["guard"] is None and figures["guard_fall_nats"] is None
 
 
 # --- `ann2snn convert ... --finetune` -----------------------------------------------------------------

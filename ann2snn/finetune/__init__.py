@@ -19,7 +19,8 @@ Two learning rules (`rule.LearningRule`, options as dataclasses):
   thresholds, early-stopped on the holdout.
 
 `core.finetune` runs either; `holdout.py` decides, on text the training never
-saw, whether to fine-tune at all and whether to keep the result.
+saw, whether to fine-tune at all and whether to keep the result (and, on a guard
+text of another kind, whether the result costs text unlike the user's).
 """
 
 from .core import LEARNING_RULES, RULES, finetune, gap_reduction

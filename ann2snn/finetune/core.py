@@ -18,7 +18,7 @@ from ..errors import CheckpointError, ConfigError
 from ..modules.neuron import set_simulation
 from .common import Batches, mean_abs_weight, synaptic_parameters
 from .distill import Distill
-from .holdout import Holdout, HoldoutFigures, improvement, split_holdout, warn_if_small
+from .holdout import Holdout, HoldoutFigures, guard_windows, improvement, split_holdout, warn_if_small
 from .rule import LearningRule
 from .stdp import Stdp
 from .ste import calibrated_neurons
@@ -35,7 +35,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
              seed: int = 0, batch_size: int = 4, seq_len: int = 128, checkpoint_dir: str | Path | None = None,
              resume: bool = False, train_weights: bool = True, progress: bool = True, *,
              checkpoint_every: int = 50, holdout=None, force: bool = False, max_tokens: int | None = None,
-             weight_lr: float | None = None, mix: float = 0.0, **rule_options) -> dict:
+             weight_lr: float | None = None, mix: float = 0.0, guard=None, **rule_options) -> dict:
     """Fine-tune a converted SNN (`ann2snn.convert` / `ann2snn.load`) on `texts`, in place; returns its figures.
 
     rule: ``"distill"`` (gradient: thresholds and — unless ``train_weights=False`` — the
@@ -63,6 +63,13 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     the training never sees, so that the decision weighs both kinds, and a
     fine-tune that makes the user's own holdout windows worse beyond chance is
     undone even when the whole holdout gains.
+
+    `guard` is text of another kind that only vetoes: a fine-tune that makes
+    it worse beyond chance (`Difference.worse_beyond_chance`, the SNN's NLL by
+    window, paired) is undone, whatever the holdout gained. A holdout cut from
+    the fine-tuning text gains with that text; the guard sees what it cost
+    elsewhere. None: the bundled probe text (code, logs, a manual); a path or a
+    list of texts: that text; False: no guard.
 
     When the conversion's own gap on the holdout (NLL of the SNN − NLL of the
     ANN) is within its noise, nothing is trained and the model is left as it
@@ -96,6 +103,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     train, val, holdout_source = split_holdout(windows, holdout, tokenizer, seq_len)
     train, val, mixed, prose = _mixed(train, val, mix, tokenizer, seq_len)
     small = warn_if_small(val)
+    guard_ids, guard_source = guard_windows(guard, tokenizer, seq_len)
     device = next(model.parameters()).device
 
     synaptic = synaptic_parameters(model)
@@ -114,7 +122,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
     set_simulation(model, "fast")
     for param in model.parameters():
         param.requires_grad_(False)
-    saved, losses, skipped, undone, fall, own = None, [], None, None, None, None
+    saved, losses, skipped, undone, fall, own, guarded = None, [], None, None, None, None, None
     try:
         # the rules choose on one half of the holdout (early stopping, stdp's updates); the other half decides
         select, deciding = Holdout(model, val[0::2], originals), Holdout(model, val[1::2], originals)
@@ -128,6 +136,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             after = before
         else:
             losses = saved["losses"] if saved else []
+            sentinel = Holdout(model, guard_ids, originals) if guard_ids is not None else None
+            sentinel_before = sentinel.evaluate() if sentinel else None
             trainer = Rule(model, options, lr=lr, steps=steps, synaptic=synaptic, originals=originals, holdout=select)
             header = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "settings": settings, "before": vars(before)}
             summary = _train(trainer, Batches(train, batch_size, seed), device, steps, saved, losses, checkpoint,
@@ -135,7 +145,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             after = deciding.evaluate()
             fall = improvement(after, before)
             own = improvement(after, before, windows=~prose[1::2]) if mix else None
-            undone = _why_undone(fall, own)
+            guarded = improvement(sentinel.evaluate(), sentinel_before) if sentinel else None
+            undone = _why_undone(fall, own, guarded)
             if undone:  # not kept: hand the model back as it came
                 with torch.no_grad():
                     for name, neuron in neurons:
@@ -161,7 +172,9 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
         "fall_nats": fall and fall.mean, "fall_noise_nats": fall and fall.noise,
         "fall_windows_better": fall and [fall.above, fall.windows],
         "own_fall_nats": own and own.mean, "own_fall_noise_nats": own and own.noise,
-        "own_fall_windows_better": own and [own.above, own.windows],
+        "own_fall_windows_better": own and [own.above, own.windows], "guard": guard_source,
+        "guard_fall_nats": guarded and guarded.mean, "guard_fall_noise_nats": guarded and guarded.noise,
+        "guard_fall_windows_better": guarded and [guarded.above, guarded.windows],
         "first_loss": losses[0] if losses else None, "last_loss": (sum(losses[-20:]) / len(losses[-20:])) if losses else None,
         "skipped": skipped, "reverted": undone is not None, "undone_because": undone, "warnings": [w for w in (small,) if w],
         "wall_s": time.monotonic() - started,
@@ -227,9 +240,9 @@ def _mixed(train: torch.Tensor, val: torch.Tensor, mix: float, tokenizer,
     return torch.cat([train, prose[:for_train]]), torch.cat([val, prose[for_train:wanted]]), for_train, is_prose
 
 
-def _why_undone(fall, own) -> str | None:
+def _why_undone(fall, own, guarded) -> str | None:
     """Why a fine-tune is not kept, or None: kept is a gain beyond chance that most holdout windows share,
-    and (with `mix`) the user's own holdout windows not worse beyond chance."""
+    (with `mix`) the user's own holdout windows not worse beyond chance, and the guard text not worse beyond chance."""
     if not fall.beyond_chance:
         return "it did not lower the held-out perplexity beyond its noise"
     if not fall.helps_most_windows:
@@ -237,6 +250,9 @@ def _why_undone(fall, own) -> str | None:
                 f"not a gain the typical window shares")
     if own is not None and own.worse_beyond_chance:
         return f"it made your own held-out windows worse ({own.above} of {own.windows} gained)"
+    if guarded is not None and guarded.worse_beyond_chance:
+        return (f"it made the guard text (another kind) worse: {guarded.mean:+.4f} ± {guarded.noise:.4f} nats per token, "
+                f"{guarded.above} of {guarded.windows} windows gained")
     return None
 
 

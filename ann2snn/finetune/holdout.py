@@ -34,6 +34,11 @@ text: on code a few windows where clipped massive activations cost nats swamp th
 standard error (Qwen2.5-Coder-0.5B at T=4: a gap of 0.21 nats per token, PPL ×1.23,
 within a noise of ±0.28 over 33 windows), while the sign of most windows is plain.
 
+The guard (`guard_windows`) is text of another kind, by default the bundled
+probe text: a holdout cut from the fine-tuning text gains with it and cannot
+see what the fine-tune costs elsewhere, so `finetune` undoes a fine-tune that
+makes the guard worse beyond chance (`Difference.worse_beyond_chance`).
+
 On qwen2-tiny (phase coding, T = 4, 8128 tokens of heldout.txt) the gap is 0.0436
 nats per token and its noise 0.0067 nats (≈ 0.7 % of the perplexity); with fewer
 tokens the noise grows as 1/√tokens. Below `MIN_HOLDOUT_TOKENS` tokens the noise
@@ -52,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration.data import read_texts, token_windows
+from ..calibration.data import PROBE_TEXT, bundled_text, read_texts, token_windows
 from ..errors import ConfigError
 from ..modules.neuron import set_simulation
 from .common import logits, swapped_weights, synaptic_parameters
@@ -61,6 +66,7 @@ HOLDOUT_SHARE = 0.1  # of the fine-tuning text's windows, by default ...
 MIN_HOLDOUT_TOKENS = 4096  # ... at least this many tokens while half the windows stay for training ...
 MAX_HOLDOUT_TOKENS = 16384  # ... and at most this many (it is measured at every decision; its noise falls as 1/√tokens)
 Z = 2.0
+GUARD_SEQ_LEN = 64  # the guard text is short (the probe: about 1500 tokens): cut finely, it gives more windows
 TEACHER_CACHE_BYTES = 256 * 2**20  # keep the ANN's log-probabilities below this; recompute them above
 
 
@@ -134,16 +140,41 @@ def split_holdout(windows: torch.Tensor, holdout, tokenizer, seq_len: int) -> tu
             raise ConfigError(f"the fine-tuning text gives {count} window(s) of {seq_len} tokens, too few to hold "
                               f"some out; pass more text or a holdout file")
         return windows[:-held], windows[-held:], f"last {held} of {count} windows of the text"
-    if isinstance(holdout, (str, Path)):
-        texts, source = read_texts(holdout, "holdout"), str(holdout)
-    elif isinstance(holdout, (list, tuple)) and all(isinstance(t, str) for t in holdout):
-        texts, source = list(holdout), "texts"
-    else:
+    if not _file_or_texts(holdout):
         raise ConfigError(f"holdout must be a share between 0 and 1, a file or a list of texts, got {holdout!r}")
-    held = token_windows(tokenizer, texts, seq_len)
-    if held.shape[0] < 2:
-        raise ConfigError(f"the holdout {source} gives fewer than 2 windows of {seq_len} tokens; pass more text")
+    held, source = _text_windows(holdout, "holdout", tokenizer, seq_len)
     return windows, held, source
+
+
+def guard_windows(guard, tokenizer, seq_len: int) -> tuple[torch.Tensor | None, str | None]:
+    """(windows of the guard text, where it comes from), or (None, None) when `guard` is False.
+
+    `guard`: None (the bundled probe text: code, logs, a manual; text of another
+    kind than most fine-tuning text), a path (.txt, .jsonl or folder) or a list
+    of texts. It is cut into windows of at most `GUARD_SEQ_LEN` tokens: short text
+    gives more windows that way, and its decision counts windows.
+    """
+    if guard is False:
+        return None, None
+    if guard is None:
+        windows, _ = _text_windows(bundled_text(PROBE_TEXT), "guard", tokenizer, min(seq_len, GUARD_SEQ_LEN))
+        return windows, f"bundled {PROBE_TEXT}"
+    if not _file_or_texts(guard):
+        raise ConfigError(f"guard must be a file, a list of texts or False, got {guard!r}")
+    return _text_windows(guard, "guard", tokenizer, min(seq_len, GUARD_SEQ_LEN))
+
+
+def _file_or_texts(value) -> bool:
+    return isinstance(value, (str, Path)) or (isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value))
+
+
+def _text_windows(value, what: str, tokenizer, seq_len: int) -> tuple[torch.Tensor, str]:
+    """(windows of `seq_len` tokens, where they come from) of a path or a list of texts; at least 2 windows."""
+    texts, source = (list(value), "texts") if isinstance(value, (list, tuple)) else (read_texts(value, what), str(value))
+    windows = token_windows(tokenizer, texts, seq_len)
+    if windows.shape[0] < 2:
+        raise ConfigError(f"the {what} {source} gives fewer than 2 windows of {seq_len} tokens; pass more text")
+    return windows, source
 
 
 def warn_if_small(windows: torch.Tensor) -> str | None:
