@@ -136,8 +136,8 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             after = before
         else:
             losses = saved["losses"] if saved else []
-            sentinel = Holdout(model, guard_ids, originals) if guard_ids is not None else None
-            sentinel_before = sentinel.evaluate() if sentinel else None
+            guard_text = Holdout(model, guard_ids, originals) if guard_ids is not None else None
+            guard_before = guard_text.evaluate() if guard_text else None
             trainer = Rule(model, options, lr=lr, steps=steps, synaptic=synaptic, originals=originals, holdout=select)
             header = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "settings": settings, "before": vars(before)}
             summary = _train(trainer, Batches(train, batch_size, seed), device, steps, saved, losses, checkpoint,
@@ -145,7 +145,7 @@ def finetune(model, tokenizer, texts, rule: str = "distill", steps: int = 200, l
             after = deciding.evaluate()
             fall = improvement(after, before)
             own = improvement(after, before, windows=~prose[1::2]) if mix else None
-            guarded = improvement(sentinel.evaluate(), sentinel_before) if sentinel else None
+            guarded = improvement(guard_text.evaluate(), guard_before) if guard_text else None
             undone = _why_undone(fall, own, guarded)
             if undone:  # not kept: hand the model back as it came
                 with torch.no_grad():
